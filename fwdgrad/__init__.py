@@ -1,31 +1,80 @@
 """fwdgrad: forward-gradient training of JAX/Flax models in fixed point.
 
-The public API:
+The public API (notebooks and examples use only these names):
 
-Fixed point (``fwdgrad.quant``)
-  ``fake_quant``        round to a signed symmetric fixed-point grid, straight-through tangent.
-  ``quantize``          floats -> (int8/int16/int32 array, scale).
-  ``dequantize``        (integers, scale) -> floats.
-  ``compute_scale``     the step size Δ of a format ("max", "mse", "static", "pow2").
+Fixed point
+  ``fake_quant``             round to a signed symmetric fixed-point grid, straight-through tangent.
+  ``quantize`` / ``dequantize``  floats <-> (int8/int16/int32 array, scale).
+  ``compute_scale``          the step size Δ of a format ("max", "mse", "static", "pow2").
+  ``fixed_point_weights``    optax transform keeping any optimizer's params on a weight grid.
 
-Estimators (``fwdgrad.estimators``), shaped like ``jax.value_and_grad``
-  ``jvp_grad``          forward gradient (∇f·z) z with ``jax.jvp``.
-  ``spsa_grad``         central-difference SPSA; ``sign=True`` is the paper's sign-m-SPSA.
-  ``sample_direction``  the direction pytree a key stands for.
+Estimators, shaped like ``jax.value_and_grad``
+  ``jvp_grad``               forward gradient (∇f·z) z with ``jax.jvp``.
+  ``spsa_grad``              central-difference SPSA; ``sign=True`` is the paper's sign-m-SPSA.
+  ``sample_direction``       the direction pytree a key stands for.
 
-Optax (``fwdgrad.transform``)
-  ``forward_gradient``  GradientTransformationExtraArgs returning the estimate; chain it with any
-                        optimizer and pass ``value_fn=`` to ``update``.
-  ``ForwardGradientState``
+Optax transforms (pass ``value_fn=loss_fn`` to ``update``)
+  ``forward_gradient``       the estimate as a GradientTransformationExtraArgs; chain any optimizer.
+  ``qzo_ff``                 the paper's integer QZO-FF step (16-bit weights, 8-bit z and g).
+  ``enhanced_forward_gradient``  sign-m-SPSA with momentum-guided sampling / sharpness-aware
+                             perturbation; ``MomentumGuidedSampling`` configures the former.
+  ``kernelwise_normalize``, ``masked_update``, ``sparse_update_mask``, ``binomial_sampler``.
+
+Adaptation
+  ``select_trainable`` / ``partition`` / ``merge`` / ``bind_frozen``   FT, LP, D-VPT, sparse update
+                             as a partition of the params, so only what is trained is perturbed.
+  ``LinearHead``             LP-1 / LP-3 heads.
+  ``prototypes``, ``protonet_logits``, ``simpleshot_logits``, ``episode_loss``,
+  ``episode_accuracy``       few-shot heads (ProtoNets, SimpleShot).
+
+Loss landscapes
+  ``random_directions`` (filter-normalized), ``pca_directions`` (of a trajectory),
+  ``loss_surface``, ``project_trajectory``, ``plot_surfaces``, ``save_surface``, ``load_surface``.
+
+Experiments
+  ``train_and_evaluate(config, workdir)``  what ``train.py`` runs; ``default_config()``.
+
+Sub-packages: ``fwdgrad.models`` (``get_model``, ``Precision``, quantized layers, backbones,
+checkpoint import) and ``fwdgrad.data`` (``load_dataset``, few-shot episodes).
 """
 
+from fwdgrad import data
+from fwdgrad import models
+from fwdgrad.adapt import LinearHead
+from fwdgrad.adapt import bind_frozen
+from fwdgrad.adapt import merge
+from fwdgrad.adapt import partition
+from fwdgrad.adapt import select_trainable
+from fwdgrad.enhancements import MomentumGuidedSampling
+from fwdgrad.enhancements import binomial_sampler
+from fwdgrad.enhancements import enhanced_forward_gradient
+from fwdgrad.enhancements import kernelwise_normalize
+from fwdgrad.enhancements import masked_update
+from fwdgrad.enhancements import sparse_update_mask
 from fwdgrad.estimators import jvp_grad
 from fwdgrad.estimators import sample_direction
 from fwdgrad.estimators import spsa_grad
+from fwdgrad.experiment import default_config
+from fwdgrad.fewshot import episode_accuracy
+from fwdgrad.fewshot import episode_loss
+from fwdgrad.fewshot import protonet_logits
+from fwdgrad.fewshot import prototypes
+from fwdgrad.fewshot import simpleshot_logits
+from fwdgrad.fixed_point import fixed_point_weights
+from fwdgrad.landscape import load_surface
+from fwdgrad.landscape import loss_surface
+from fwdgrad.landscape import pca_directions
+from fwdgrad.landscape import plot_surfaces
+from fwdgrad.landscape import project_trajectory
+from fwdgrad.landscape import random_directions
+from fwdgrad.landscape import save_surface
 from fwdgrad.quant import compute_scale
 from fwdgrad.quant import dequantize
 from fwdgrad.quant import fake_quant
 from fwdgrad.quant import quantize
+from fwdgrad.qzo import QZOState
+from fwdgrad.qzo import qzo_ff
+from fwdgrad.train_lib import train_and_evaluate
 from fwdgrad.transform import ForwardGradientState
 from fwdgrad.transform import forward_gradient
 
@@ -33,12 +82,41 @@ __version__ = "0.1.0"
 
 __all__ = (
     "ForwardGradientState",
+    "LinearHead",
+    "MomentumGuidedSampling",
+    "QZOState",
+    "bind_frozen",
+    "binomial_sampler",
     "compute_scale",
+    "data",
+    "default_config",
     "dequantize",
+    "enhanced_forward_gradient",
+    "episode_accuracy",
+    "episode_loss",
     "fake_quant",
+    "fixed_point_weights",
     "forward_gradient",
     "jvp_grad",
+    "kernelwise_normalize",
+    "load_surface",
+    "loss_surface",
+    "masked_update",
+    "merge",
+    "models",
+    "partition",
+    "pca_directions",
+    "plot_surfaces",
+    "project_trajectory",
+    "protonet_logits",
+    "prototypes",
+    "qzo_ff",
     "quantize",
+    "random_directions",
     "sample_direction",
+    "save_surface",
+    "select_trainable",
+    "simpleshot_logits",
     "spsa_grad",
+    "train_and_evaluate",
 )

@@ -1,0 +1,247 @@
+"""Adapting a pre-trained backbone to one task, by the methods the paper compares.
+
+A *task* is a labelled training set (the support set of a few-shot episode, or the training split of
+a transfer task) and a labelled test set (the query set). A *method* adapts on the first and is
+scored on the second:
+
+==============  ==================================================================================
+``zero_shot``   no adaptation: the pre-trained features with the head (ProtoNets / SimpleShot)
+``backprop``    ``jax.grad`` of the adaptation loss, any optax optimizer (the baseline)
+``ff``          forward gradient with ``jax.jvp`` (:func:`fwdgrad.forward_gradient`, ``"jvp"``)
+``spsa``        SPSA or sign-m-SPSA from two forward calls per direction
+``qzo_ff``      the paper's integer QZO-FF (:func:`fwdgrad.qzo_ff`): 16-bit weight grid, 8-bit z
+==============  ==================================================================================
+
+Each method runs the backbone at its own ``precision`` (``"float"``, ``"16w8a"``, ``"8w8a"``, ...).
+What is trained is a partition of the parameters (:mod:`fwdgrad.adapt`): ``mode="ft"`` the whole
+backbone, ``"dvpt"`` the ViT's prompt tokens, ``"lp"`` nothing of the backbone; optionally made
+sparse. The head is ``"protonet"`` / ``"simpleshot"`` (no parameters: the loss is the episode loss
+on the support set, prototypes from the support set) or ``"linear"`` / ``"mlp3"`` (LP-1 / LP-3
+heads trained with cross-entropy; a linear head starts as the ProtoNets classifier of the support
+set, so adaptation starts from the zero-shot predictions).
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any, Callable, NamedTuple, Optional
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+import fwdgrad
+from fwdgrad import adapt
+from fwdgrad import fewshot
+from fwdgrad import models
+
+METHOD_KINDS = ("zero_shot", "backprop", "ff", "spsa", "qzo_ff")
+MODES = ("ft", "lp", "dvpt")
+HEADS = ("protonet", "simpleshot", "linear", "mlp3")
+OPTIMIZERS = ("sgd", "momentum", "adam")
+_SIMPLESHOT_TEMPERATURE = 10.0
+
+
+class Task(NamedTuple):
+  """One adaptation problem; labels are ``0 .. num_classes - 1``."""
+  support_inputs: np.ndarray
+  support_labels: np.ndarray
+  query_inputs: np.ndarray
+  query_labels: np.ndarray
+
+
+class TaskResult(NamedTuple):
+  accuracy: float
+  losses: np.ndarray  # The training loss at each adaptation step.
+
+
+def make_optimizer(name: str, learning_rate: float) -> optax.GradientTransformation:
+  if name == "sgd":
+    return optax.sgd(learning_rate)
+  if name == "momentum":
+    return optax.sgd(learning_rate, momentum=0.9)
+  if name == "adam":
+    return optax.adam(learning_rate)
+  raise ValueError(f"unknown optimizer {name!r}; expected one of {OPTIMIZERS}.")
+
+
+def make_transform(method, key: jax.Array) -> optax.GradientTransformationExtraArgs:
+  """The optax transformation of a method config (see :data:`METHOD_KINDS`)."""
+  kind = method.kind
+  if kind == "backprop":
+    return optax.with_extra_args_support(make_optimizer(method.optimizer, method.learning_rate))
+  if kind in ("ff", "spsa"):
+    estimate = fwdgrad.forward_gradient(
+        "jvp" if kind == "ff" else "spsa", key=key, num_directions=method.num_directions,
+        epsilon=method.epsilon, distribution=method.distribution,
+        sign=kind == "spsa" and method.sign)
+    return optax.chain(estimate, make_optimizer(method.optimizer, method.learning_rate))
+  if kind == "qzo_ff":
+    weight_bits = models.Precision.parse(method.precision).weight_bits or 16
+    return fwdgrad.qzo_ff(method.learning_rate, key=key, num_directions=method.num_directions,
+                          epsilon=method.epsilon, weight_bits=weight_bits,
+                          distribution=method.distribution)
+  raise ValueError(f"unknown method kind {kind!r}; expected one of {METHOD_KINDS}.")
+
+
+def _reported_loss(opt_state) -> Optional[jax.Array]:
+  """The loss a forward-gradient transform stored in its state (no extra forward call)."""
+  for leaf in jax.tree_util.tree_leaves(opt_state, is_leaf=lambda x: hasattr(x, "loss")):
+    if hasattr(leaf, "loss"):
+      return leaf.loss
+  return None
+
+
+def _batched_features(apply_fn, params, inputs, batch_size: int):
+  """Features of ``inputs`` computed ``batch_size`` at a time (bounded activation memory)."""
+  n = inputs.shape[0]
+  if n <= batch_size:
+    return apply_fn(params, inputs)
+  pad = (-n) % batch_size
+  padded = jnp.concatenate([inputs, jnp.zeros((pad,) + inputs.shape[1:], inputs.dtype)])
+  chunks = padded.reshape((-1, batch_size) + inputs.shape[1:])
+  features = jax.lax.map(lambda x: apply_fn(params, x), chunks)
+  return features.reshape((-1,) + features.shape[2:])[:n]
+
+
+class Adapter:
+  """Adapts a backbone to tasks with one method; build once, call per task.
+
+  Args:
+    model_name, model_kwargs: the backbone (``fwdgrad.models.get_model``), features only.
+    variables: the pre-trained ``{"params", "batch_stats"}`` of the backbone (no head).
+    method: a method config (``kind``, ``precision``, ``learning_rate``, ``optimizer``,
+      ``num_directions``, ``epsilon``, ``distribution``, ``sign``, ``steps``).
+    adapt_config: ``mode``, ``head``, ``sparsity``, ``sparse_method``, ``batch_size``,
+      ``eval_batch_size``, ``head_hidden``.
+    num_classes: ways of the tasks.
+    seed: for the sparse random mask and the method's keys.
+    base_mean: SimpleShot's centring feature (mean base-class feature), optional.
+  """
+
+  def __init__(self, model_name: str, model_kwargs: dict, variables: dict, method, adapt_config,
+               num_classes: int, seed: int, base_mean: Optional[np.ndarray] = None):
+    self.method = method
+    self.config = adapt_config
+    self.num_classes = num_classes
+    self.steps = 0 if method.kind == "zero_shot" else int(method.steps)
+    self.model = models.get_model(model_name, num_classes=None, precision=method.precision,
+                                  **model_kwargs)
+    self.batch_stats = variables.get("batch_stats", {})
+    self.base_mean = None if base_mean is None else jnp.asarray(base_mean)
+    params = variables["params"]
+    mode, head = adapt_config.mode, adapt_config.head
+    if mode == "lp":
+      self.trainable_backbone, self.frozen = {}, params
+    else:
+      selection = adapt.select_trainable(
+          params, "dvpt" if mode == "dvpt" else "ft", sparsity=adapt_config.sparsity,
+          sparse_method=adapt_config.sparse_method, key=jax.random.key(seed),
+          train_head=False)
+      self.trainable_backbone, self.frozen = adapt.partition(params, selection)
+    self.parametric_head = head in ("linear", "mlp3")
+    if self.parametric_head:
+      dense = functools.partial(models.QDense, precision=method.precision)
+      self.head = adapt.LinearHead(num_classes, num_layers=1 if head == "linear" else 3,
+                                   hidden=adapt_config.head_hidden or None, dense=dense)
+    self._run = jax.jit(self._adapt_and_evaluate)
+
+  def features(self, backbone_params, inputs):
+    apply = lambda p, x: self.model.apply({"params": p, "batch_stats": self.batch_stats}, x,
+                                          train=False)
+    return _batched_features(apply, backbone_params, inputs, self.config.eval_batch_size)
+
+  def _init_head(self, key, support_features, support_labels):
+    variables = self.head.init(key, support_features[:1])
+    head = variables["params"]
+    if self.config.head == "linear":
+      # Start from the ProtoNets classifier: -|x - p|^2 = 2 x.p - |p|^2 - |x|^2 (|x|^2 is shared).
+      protos = fewshot.prototypes(support_features, support_labels, self.num_classes)
+      head = {"dense_0": {"kernel": (2.0 * protos.T).astype(support_features.dtype),
+                          "bias": -jnp.sum(protos ** 2, axis=-1).astype(support_features.dtype)}}
+    return head
+
+  def _temperature(self, features) -> float:
+    """Softmax temperature of the episode loss (predictions do not depend on it).
+
+    Squared distances between pre-trained features are large enough to saturate the softmax (the
+    loss is 0 and nothing trains); by default ProtoNets distances are divided by the feature
+    width, i.e. the loss sees the mean squared difference per feature. SimpleShot distances of
+    unit vectors lie in [0, 4], and its default temperature is 0.1.
+    """
+    if self.config.temperature:
+      return float(self.config.temperature)
+    if self.config.head == "simpleshot":
+      return 1.0 / _SIMPLESHOT_TEMPERATURE
+    return float(np.prod(features.shape[1:]))
+
+  def _adapt_and_evaluate(self, trainable_backbone, frozen, task: Task, key):
+    head_key, method_key, batch_key = jax.random.split(key, 3)
+    backbone = lambda t: adapt.merge(t, frozen)
+    xs, ys, xq, yq = task
+    mode, head_name = self.config.mode, self.config.head
+    simpleshot = dict(method="simpleshot", mean=self.base_mean)
+    episode_kwargs = simpleshot if head_name == "simpleshot" else dict(method="protonet")
+
+    if mode == "lp":  # The backbone is frozen: its features are computed once.
+      support_features = self.features(frozen, xs)
+      query_features = self.features(frozen, xq)
+
+    def features_of(trainable, inputs, index=slice(None)):
+      if mode == "lp":
+        return (support_features if inputs is xs else query_features)[index]
+      return self.features(backbone(trainable["backbone"]), inputs[index])
+
+    def batch(step):
+      size = self.config.batch_size
+      if not size or size >= xs.shape[0]:
+        return slice(None)
+      return jax.random.choice(jax.random.fold_in(batch_key, step), xs.shape[0], (size,),
+                               replace=False)
+
+    def loss_fn(trainable, index):
+      labels = ys[index]
+      feats = features_of(trainable, xs, index)
+      if self.parametric_head:
+        logits = self.head.apply({"params": trainable["head"]}, feats)
+        return optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
+      scale = 1.0 / self._temperature(feats)
+      return fewshot.episode_loss(feats, labels, feats, labels, self.num_classes, scale=scale,
+                                  **episode_kwargs)
+
+    trainable = {"backbone": trainable_backbone}
+    if self.parametric_head:
+      trainable["head"] = self._init_head(head_key, features_of(trainable, xs), ys)
+
+    losses = jnp.zeros((0,), jnp.float32)
+    if self.steps:
+      tx = make_transform(self.method, method_key)
+
+      def step(carry, index):
+        params, opt_state = carry
+        value_fn = functools.partial(loss_fn, index=batch(index))
+        if self.method.kind == "backprop":
+          loss, grads = jax.value_and_grad(value_fn)(params)
+          updates, opt_state = tx.update(grads, opt_state, params, value_fn=value_fn)
+        else:
+          updates, opt_state = tx.update(params, opt_state, params, value_fn=value_fn)
+          loss = _reported_loss(opt_state)
+        return (optax.apply_updates(params, updates), opt_state), loss.astype(jnp.float32)
+
+      (trainable, _), losses = jax.lax.scan(step, (trainable, tx.init(trainable)),
+                                            jnp.arange(self.steps))
+
+    if self.parametric_head:
+      feats = features_of(trainable, xq)
+      predictions = jnp.argmax(self.head.apply({"params": trainable["head"]}, feats), -1)
+      accuracy = jnp.mean((predictions == yq).astype(jnp.float32))
+    else:
+      accuracy = fewshot.episode_accuracy(features_of(trainable, xs), ys, features_of(
+          trainable, xq), yq, self.num_classes, **episode_kwargs)
+    return accuracy, losses
+
+  def __call__(self, task: Task, key: jax.Array) -> TaskResult:
+    task = Task(*(jnp.asarray(a) for a in task))
+    accuracy, losses = self._run(self.trainable_backbone, self.frozen, task, key)
+    return TaskResult(float(accuracy), np.asarray(losses))

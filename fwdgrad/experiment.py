@@ -1,0 +1,320 @@
+"""The experiment config: its defaults, and the checks that run before any work.
+
+Every config in ``configs/`` starts from :func:`default_config` and overrides fields. A field that
+the defaults do not have (a typo), a name outside the allowed values, an impossible shape or a
+missing data path stops the run at once with a ``ValueError`` that names the field (for example
+``config.adapt.mode``) and what it accepts.
+
+Methods live in ``config.methods``, a dict from a display name to a method config; any field a
+method leaves out takes its value from :data:`METHOD_DEFAULTS` (and ``steps`` from
+``config.adapt.steps``).
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Iterator
+
+import ml_collections
+import numpy as np
+
+from fwdgrad import adaptation
+from fwdgrad import estimators
+from fwdgrad import models
+from fwdgrad.data import sources
+
+TASK_KINDS = ("fewshot", "transfer")
+SPLITS = ("class", "class_and_group")
+FRONTENDS = ("none", "log_mel")
+
+METHOD_DEFAULTS = dict(
+    kind="zero_shot",        # one of adaptation.METHOD_KINDS
+    precision="float",       # "float", "16w8a", "8w8a", "<w>w<a>a"
+    learning_rate=1e-3,
+    optimizer="sgd",         # not used by qzo_ff, whose update rule is integer
+    num_directions=3,
+    epsilon=1e-3,
+    distribution="gaussian",
+    sign=True,               # spsa only: sign-m-SPSA
+    steps=-1,                # -1: config.adapt.steps
+)
+
+
+class ConfigError(ValueError):
+  """A config field is wrong; the message names it and what it accepts."""
+
+
+def method(kind: str, **overrides) -> ml_collections.ConfigDict:
+  """A method config with every field (so any can be overridden on the command line).
+
+  Examples:
+    >>> config.methods = dict(zero_shot=method("zero_shot"),
+    ...                       qzo_16w8a=method("qzo_ff", precision="16w8a", learning_rate=1e-3))
+  """
+  _allowed("method kind", kind, adaptation.METHOD_KINDS)
+  unknown = sorted(set(overrides) - set(METHOD_DEFAULTS))
+  if unknown:
+    raise ConfigError(f"{unknown} are not method fields; the fields are {sorted(METHOD_DEFAULTS)}.")
+  return ml_collections.ConfigDict(dict(METHOD_DEFAULTS, kind=kind, **overrides))
+
+
+def data_dir(*parts: str) -> str:
+  """A path under ``$FWDGRAD_DATA_DIR`` (default ``./data``): where configs look for local data."""
+  return os.path.join(os.environ.get("FWDGRAD_DATA_DIR", "data"), *parts)
+
+
+def data_defaults() -> ml_collections.ConfigDict:
+  """The fields of a data config (``config.data`` and ``config.pretrain.data``)."""
+  data = ml_collections.ConfigDict()
+  data.source = ""               # a key of fwdgrad.data.SOURCES, or "tfds:<name>"
+  data.kwargs = ml_collections.ConfigDict()  # the source's arguments, e.g. path=...
+  data.frontend = "none"         # "log_mel": waveforms -> the speech embedding's log-mel input
+  data.max_examples = 0          # keep at most this many examples (0: all); for quick runs
+  data.positive_classes = ()     # non-empty: binary labels, 1 for these class names
+  data.corruption = ""           # one of fwdgrad.data.corruptions.CORRUPTIONS (an OOD shift)
+  data.severity = 3              # of the corruption, 1 to 5
+  return data
+
+
+def default_config() -> ml_collections.ConfigDict:
+  """All fields an experiment config may set, with their defaults."""
+  config = ml_collections.ConfigDict()
+  config.seed = 0
+  config.progress = True
+
+  config.data = data_defaults()
+  config.data.source = "digits"
+
+  config.task = ml_collections.ConfigDict()
+  config.task.kind = "fewshot"
+  config.task.split_by = "class"
+  config.task.split_sizes = (0.5, 0.0, 0.5)  # base / validation / novel classes
+  config.task.group_split = (0.5, 0.5)       # pre-training / task groups (class_and_group)
+  config.task.ways = 5
+  config.task.shots = 5
+  config.task.queries = 15
+  config.task.num_tasks = 20
+  config.task.test_fraction = 0.1            # transfer: held-out fraction
+  config.task.train_examples = 0             # transfer: examples per task (0: all)
+
+  config.model = ml_collections.ConfigDict()
+  config.model.name = "conv4"
+  config.model.kwargs = ml_collections.ConfigDict()
+
+  config.pretrain = ml_collections.ConfigDict()
+  config.pretrain.steps = 500
+  config.pretrain.batch_size = 128
+  config.pretrain.learning_rate = 3e-3
+  config.pretrain.optimizer = "adam"
+  config.pretrain.weight_decay = 0.0
+  config.pretrain.val_fraction = 0.1
+  config.pretrain.log_every = 50
+  config.pretrain.checkpoint_every = 100
+  config.pretrain.init_checkpoint = ""       # a backbone directory to start from instead
+  config.pretrain.data = data_defaults()  # source "": pre-train on the base classes
+
+  config.adapt = ml_collections.ConfigDict()
+  config.adapt.mode = "ft"            # "ft", "lp", "dvpt"
+  config.adapt.head = "protonet"      # "protonet", "simpleshot", "linear" (LP-1), "mlp3" (LP-3)
+  config.adapt.steps = 20
+  config.adapt.sparsity = 0.0         # 0.9: the paper's 90%-sparse update
+  config.adapt.sparse_method = "topk"
+  config.adapt.batch_size = 0         # 0: the whole training set of the task every step
+  config.adapt.eval_batch_size = 256
+  config.adapt.head_hidden = 0        # LP-3 hidden width (0: the feature width)
+  config.adapt.temperature = 0.0      # episode-loss temperature (0: automatic, see Adapter)
+
+  config.methods = ml_collections.ConfigDict()
+  config.methods.zero_shot = method("zero_shot")
+  return config
+
+
+def _allowed(what: str, value, allowed) -> None:
+  if value not in allowed:
+    raise ConfigError(f"{what} = {value!r} is not allowed; use one of {tuple(allowed)}.")
+
+
+def _merge(defaults: ml_collections.ConfigDict, given, where: str) -> None:
+  """Copies ``given`` into ``defaults``, refusing fields the defaults do not have."""
+  for key, value in given.items():
+    if key not in defaults:
+      raise ConfigError(f"{where}.{key} is not a config field (a typo?); the fields of {where} "
+                       f"are {sorted(defaults.keys())}.")
+    if isinstance(defaults[key], ml_collections.ConfigDict) and key != "kwargs":
+      if not hasattr(value, "items"):
+        raise ConfigError(f"{where}.{key} must be a dict of fields, got {value!r}.")
+      _merge(defaults[key], value, f"{where}.{key}")
+    elif key == "kwargs":
+      defaults[key] = ml_collections.ConfigDict(dict(value))
+    else:
+      with defaults.ignore_type():
+        defaults[key] = value
+
+
+def validate_config(config) -> ml_collections.ConfigDict:
+  """The config with defaults filled in, or a ValueError naming the first bad field."""
+  full = default_config()
+  methods = dict(config.get("methods", {}) or {})
+  given = {k: v for k, v in config.items() if k != "methods"}
+  _merge(full, given, "config")
+  if not methods:
+    raise ConfigError("config.methods is empty; add at least one method, e.g. "
+                     "config.methods.zero_shot = dict(kind='zero_shot').")
+  full.methods = ml_collections.ConfigDict()
+  for name, method in methods.items():
+    merged = ml_collections.ConfigDict(METHOD_DEFAULTS)
+    _merge(merged, method, f"config.methods.{name}")
+    full.methods[name] = merged
+
+  _allowed("config.model.name", full.model.name, models.MODELS)
+  _check_data(full.data, "config.data")
+  if full.pretrain.data.source:
+    _check_data(full.pretrain.data, "config.pretrain.data")
+  task, adapt = full.task, full.adapt
+  _allowed("config.task.kind", task.kind, TASK_KINDS)
+  _allowed("config.task.split_by", task.split_by, SPLITS)
+  _allowed("config.adapt.mode", adapt.mode, adaptation.MODES)
+  _allowed("config.adapt.head", adapt.head, adaptation.HEADS)
+  _allowed("config.adapt.sparse_method", adapt.sparse_method, ("topk", "random"))
+  _allowed("config.pretrain.optimizer", full.pretrain.optimizer, adaptation.OPTIMIZERS)
+  for field in ("ways", "shots", "num_tasks"):
+    _positive(f"config.task.{field}", task[field])
+  _positive("config.task.queries", task.queries)
+  _positive("config.pretrain.log_every", full.pretrain.log_every)
+  _positive("config.pretrain.checkpoint_every", full.pretrain.checkpoint_every)
+  _positive("config.adapt.eval_batch_size", adapt.eval_batch_size)
+  if full.pretrain.checkpoint_every % full.pretrain.log_every:
+    raise ConfigError("config.pretrain.checkpoint_every must be a multiple of "
+                     f"config.pretrain.log_every ({full.pretrain.log_every}).")
+  if not 0.0 <= adapt.sparsity < 1.0:
+    raise ConfigError(f"config.adapt.sparsity = {adapt.sparsity} must lie in [0, 1).")
+  if adapt.mode == "dvpt" and full.model.name != "vit_tiny":
+    raise ConfigError("config.adapt.mode = 'dvpt' (deep visual prompt tuning) needs a ViT: set "
+                     "config.model.name = 'vit_tiny' with model.kwargs.num_prompts > 0.")
+  if task.kind == "fewshot" and len(task.split_sizes) != 3:
+    raise ConfigError("config.task.split_sizes must give (base, validation, novel) sizes.")
+  if task.kind == "transfer" and not (full.pretrain.data.source or full.pretrain.init_checkpoint):
+    raise ConfigError("a transfer task adapts a backbone pre-trained elsewhere: set "
+                     "config.pretrain.data.source (the source domain) or "
+                     "config.pretrain.init_checkpoint.")
+  init = full.pretrain.init_checkpoint
+  if init and not os.path.exists(os.path.expanduser(init)):
+    raise ConfigError(f"config.pretrain.init_checkpoint = {init!r} does not exist; give the "
+                     "'backbone' directory of an earlier run, or for model 'speech_embedding' the "
+                     "pyopen-wakeword wheel or its embedding_model.tflite.")
+  for name, method in full.methods.items():
+    _check_method(f"config.methods.{name}", method, adapt)
+    if method.steps < 0:
+      method.steps = adapt.steps
+  return full
+
+
+def _positive(what: str, value) -> None:
+  if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
+    raise ConfigError(f"{what} must be a positive integer, got {value!r}.")
+
+
+def _check_data(data, where: str) -> None:
+  source = data.source
+  if not source.startswith("tfds:"):
+    _allowed(f"{where}.source", source, tuple(sources.SOURCES) + ("tfds:<name>",))
+  _allowed(f"{where}.frontend", data.frontend, FRONTENDS)
+  if data.corruption:
+    from fwdgrad.data import corruptions  # pylint: disable=g-import-not-at-top
+    _allowed(f"{where}.corruption", data.corruption, corruptions.CORRUPTIONS)
+    _allowed(f"{where}.severity", data.severity, (1, 2, 3, 4, 5))
+  path = data.kwargs.get("path")
+  if path is not None and not os.path.exists(os.path.expanduser(str(path))):
+    raise ConfigError(f"{where}.kwargs.path = {path!r} does not exist; point it at your copy of "
+                     f"the data (for the files shipped with the project, see the docstring of "
+                     "the config you run).")
+
+
+def _check_method(where: str, method, adapt) -> None:
+  _allowed(f"{where}.kind", method.kind, adaptation.METHOD_KINDS)
+  try:
+    models.Precision.parse(method.precision)
+  except ValueError as error:
+    raise ConfigError(f"{where}.precision: {error}") from None
+  _allowed(f"{where}.optimizer", method.optimizer, adaptation.OPTIMIZERS)
+  if not (callable(method.distribution) or method.distribution in estimators.DISTRIBUTIONS):
+    _allowed(f"{where}.distribution", method.distribution, estimators.DISTRIBUTIONS)
+  _positive(f"{where}.num_directions", method.num_directions)
+  if method.kind != "zero_shot":
+    steps = adapt.steps if method.steps < 0 else method.steps
+    _positive(f"{where}.steps (or config.adapt.steps)", steps)
+    if adapt.mode == "lp" and adapt.head in ("protonet", "simpleshot"):
+      raise ConfigError(f"{where}: config.adapt.mode = 'lp' with head {adapt.head!r} leaves "
+                       "nothing to train; use head 'linear' (LP-1) or 'mlp3' (LP-3).")
+    if not method.learning_rate > 0:
+      raise ConfigError(f"{where}.learning_rate must be positive, got {method.learning_rate}.")
+  if method.kind == "qzo_ff" and models.Precision.parse(method.precision).weight_bits is None:
+    raise ConfigError(f"{where}: qzo_ff runs on a fixed-point weight grid; set precision to "
+                     "'16w8a' (or '8w8a', '<w>w<a>a').")
+
+
+def methods(config) -> Iterator[tuple[str, ml_collections.ConfigDict]]:
+  """``(name, method config)`` ordered by kind (zero-shot, backprop, ff, spsa, qzo_ff), then name.
+
+  (A ConfigDict does not keep the order in which fields were written.)
+  """
+  order = {kind: i for i, kind in enumerate(adaptation.METHOD_KINDS)}
+  yield from sorted(config.methods.items(), key=lambda item: (order[item[1].kind], item[0]))
+
+
+def load_data(data_config):
+  """Loads ``data_config.source`` and applies the frontend and ``max_examples``."""
+  dataset = sources.load_dataset(data_config.source, **data_config.kwargs.to_dict())
+  if data_config.max_examples and data_config.max_examples < dataset.num_examples:
+    order = np.random.default_rng(0).permutation(dataset.num_examples)
+    from fwdgrad.data import dataset as dataset_lib  # pylint: disable=g-import-not-at-top
+    dataset = dataset_lib.subset(dataset, np.sort(order[:data_config.max_examples]))
+  if data_config.positive_classes:
+    positive = [str(c) for c in data_config.positive_classes]
+    unknown = sorted(set(positive) - set(dataset.class_names))
+    if unknown:
+      raise ConfigError(f"positive_classes {unknown} are not classes of {data_config.source!r}; "
+                       f"its classes are {list(dataset.class_names)}.")
+    is_positive = np.isin(np.asarray(dataset.class_names)[dataset.labels], positive)
+    dataset = dataset._replace(labels=is_positive.astype(np.int32),
+                               class_names=("other", "+".join(positive)))
+  if data_config.corruption:
+    from fwdgrad.data import corruptions  # pylint: disable=g-import-not-at-top
+    dataset = dataset._replace(inputs=corruptions.corrupt(
+        dataset.inputs, data_config.corruption, data_config.severity, seed=0))
+  if data_config.frontend == "log_mel":
+    from fwdgrad.data import audio  # pylint: disable=g-import-not-at-top
+    if dataset.inputs.ndim != 2:
+      raise ConfigError(f"frontend 'log_mel' expects waveforms (examples, samples); the source "
+                       f"gave inputs of shape {dataset.inputs.shape}.")
+    features = np.concatenate([np.asarray(audio.embedding_features(chunk))
+                               for chunk in np.array_split(dataset.inputs,
+                                                           max(1, dataset.num_examples // 256))])
+    dataset = dataset._replace(inputs=features.astype(np.float32))
+  return dataset
+
+
+def check_episodes(novel, task) -> None:
+  """Fails before any training if the novel split cannot give the configured episodes."""
+  if task.ways > novel.num_classes:
+    raise ConfigError(f"config.task.ways = {task.ways} but the novel split has only "
+                     f"{novel.num_classes} classes; lower ways or change config.task.split_sizes.")
+  counts = np.bincount(novel.labels, minlength=novel.num_classes)
+  need = task.shots + task.queries
+  if counts.min() < need:
+    raise ConfigError(f"config.task.shots + config.task.queries = {need} but a novel class has "
+                     f"only {counts.min()} examples; lower shots or queries.")
+
+
+def shrink_for_tests(config) -> ml_collections.ConfigDict:
+  """Shrinks a config in place to seconds of work (few steps and tasks); the pipeline is the same."""
+  config.progress = False
+  config.pretrain.steps = 4
+  config.pretrain.log_every = 2
+  config.pretrain.checkpoint_every = 2
+  config.pretrain.batch_size = 16
+  config.task.num_tasks = 2
+  config.task.queries = min(config.task.queries, 3)
+  config.adapt.steps = 2
+  config.adapt.eval_batch_size = 32
+  return config

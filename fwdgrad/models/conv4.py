@@ -1,0 +1,53 @@
+"""Conv4: the four-block convolutional backbone of few-shot learning (ProtoNets, MAML).
+
+Each block is a 3x3 convolution with 64 channels, BatchNorm, ReLU and 2x2 max pooling; the features
+are the flattened output of the last block (64 for 28x28 Omniglot, 1600 for 84x84 images). Small and
+fast: the backbone of the library's quick tests and examples.
+
+References:
+  Snell et al., "Prototypical Networks for Few-shot Learning", NeurIPS 2017.
+  Vinyals et al., "Matching Networks for One Shot Learning", NeurIPS 2016.
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Sequence, Union
+
+import flax.linen as nn
+import jax
+
+from fwdgrad.models import layers
+
+
+class Conv4(nn.Module):
+  """Four conv-BN-ReLU-maxpool blocks, then an optional linear head.
+
+  Attributes:
+    num_classes: width of the linear head ``"head"``; ``None`` returns the flattened features.
+    features: channels of the four blocks (64 each in the standard Conv4).
+    precision: ``"float"``, ``"16w8a"``, ... (see :class:`fwdgrad.models.layers.Precision`).
+
+  Call with ``images`` of shape ``(batch, height, width, channels)`` and ``train`` (``True`` uses
+  batch statistics and needs ``mutable=["batch_stats"]``; ``False`` folds BatchNorm into the convs).
+
+  Examples:
+    >>> model = Conv4(num_classes=5)
+    >>> variables = model.init(jax.random.key(0), jnp.zeros((1, 28, 28, 1)))
+    >>> model.apply(variables, jnp.zeros((2, 28, 28, 1))).shape
+    (2, 5)
+  """
+  num_classes: Optional[int] = None
+  features: Sequence[int] = (64, 64, 64, 64)
+  precision: Union[str, layers.Precision, None] = "float"
+
+  @nn.compact
+  def __call__(self, images: jax.Array, train: bool = False) -> jax.Array:
+    x = layers.quantize_activation(images, self.precision)
+    for i, width in enumerate(self.features):
+      x = layers.ConvBN(width, (3, 3), padding=1, precision=self.precision, name=f"block{i}")(
+          x, train)
+      x = nn.max_pool(nn.relu(x), (2, 2), strides=(2, 2))
+    x = x.reshape(x.shape[0], -1)
+    if self.num_classes is None:
+      return x
+    return layers.QDense(self.num_classes, self.precision, name="head")(x)

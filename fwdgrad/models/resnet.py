@@ -1,0 +1,141 @@
+"""Residual networks: ResNet12 (few-shot learning) and ResNet18 (torchvision/ImageNet layout).
+
+Both are built from :class:`fwdgrad.models.layers.ConvBN`, so in evaluation mode every BatchNorm is
+folded into its convolution and, with a fixed-point ``precision``, the folded kernels are rounded
+to ``weight_bits`` and every activation to ``activation_bits``. Residual sums and the global average
+pool are rounded too. The features are the globally average-pooled output of the last stage.
+
+Module names follow the original code so that checkpoints map one to one: ResNet18 has ``conv1``
+(the stem conv and ``bn1``), ``layer{1..4}_{j}`` with ``conv1``, ``conv2`` and ``downsample``, and
+the head ``head`` (torchvision's ``fc``); see :mod:`fwdgrad.models.checkpoints`.
+
+References:
+  He et al., "Deep Residual Learning for Image Recognition", CVPR 2016.
+  Lee et al., "Meta-Learning with Differentiable Convex Optimization" (MetaOptNet), CVPR 2019, and
+  Oreshkin et al., "TADAM", NeurIPS 2018 (the few-shot ResNet12).
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Sequence, Union
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from fwdgrad.models import layers
+
+PrecisionLike = Union[str, layers.Precision, None]
+
+
+def _global_average_pool(x: jax.Array, precision: PrecisionLike) -> jax.Array:
+  return layers.quantize_activation(jnp.mean(x, axis=(1, 2)), precision)
+
+
+class BasicBlock(nn.Module):
+  """torchvision's BasicBlock: two 3x3 ConvBN with ReLU and a (1x1 ConvBN) shortcut.
+
+  .. math:: y = \\mathrm{relu}(\\mathrm{bn_2}(\\mathrm{conv_2}(\\mathrm{relu}(\\mathrm{bn_1}(
+     \\mathrm{conv_1}(x))))) + \\mathrm{shortcut}(x))
+  """
+  features: int
+  strides: int = 1
+  precision: PrecisionLike = "float"
+
+  @nn.compact
+  def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
+    strides = (self.strides, self.strides)
+    y = layers.ConvBN(self.features, (3, 3), strides, 1, self.precision, name="conv1")(x, train)
+    y = layers.ConvBN(self.features, (3, 3), (1, 1), 1, self.precision, name="conv2")(
+        nn.relu(y), train)
+    if self.strides != 1 or x.shape[-1] != self.features:
+      x = layers.ConvBN(self.features, (1, 1), strides, 0, self.precision, name="downsample")(
+          x, train)
+    return nn.relu(layers.quantize_activation(x + y, self.precision))
+
+
+class ResNet18(nn.Module):
+  """ResNet18 with torchvision's layout (11.69M parameters with a 1000-way head).
+
+  Stem: 7x7/2 conv, BN, ReLU, 3x3/2 max pool; four stages of two :class:`BasicBlock`; global
+  average pool; linear head.
+
+  Attributes:
+    num_classes: width of the linear head ``"head"``; ``None`` returns the 512-d features.
+    widths: channels of the stem (``widths[0]``) and the four stages; smaller values make small
+      test networks.
+    blocks: BasicBlocks per stage (``(3, 4, 6, 3)`` would be ResNet34).
+    precision: ``"float"``, ``"16w8a"``, ...
+
+  Call with ``images`` ``(batch, height, width, 3)`` and ``train`` (``True``: batch statistics,
+  ``mutable=["batch_stats"]``; ``False``: folded BatchNorm).
+  """
+  num_classes: Optional[int] = 1000
+  widths: Sequence[int] = (64, 128, 256, 512)
+  blocks: Sequence[int] = (2, 2, 2, 2)
+  precision: PrecisionLike = "float"
+
+  @nn.compact
+  def __call__(self, images: jax.Array, train: bool = False) -> jax.Array:
+    if len(self.widths) != len(self.blocks):
+      raise ValueError(
+          f"ResNet18 needs one width per stage: got widths={tuple(self.widths)} and "
+          f"blocks={tuple(self.blocks)}.")
+    x = layers.quantize_activation(images, self.precision)
+    x = layers.ConvBN(self.widths[0], (7, 7), (2, 2), 3, self.precision, name="conv1")(x, train)
+    x = nn.max_pool(nn.relu(x), (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
+    for stage, (width, count) in enumerate(zip(self.widths, self.blocks)):
+      for j in range(count):
+        strides = 2 if stage > 0 and j == 0 else 1
+        x = BasicBlock(width, strides, self.precision, name=f"layer{stage + 1}_{j}")(x, train)
+    x = _global_average_pool(x, self.precision)
+    if self.num_classes is None:
+      return x
+    return layers.QDense(self.num_classes, self.precision, name="head")(x)
+
+
+class ResNet12Block(nn.Module):
+  """Three 3x3 ConvBN with LeakyReLU(0.1), a 1x1 ConvBN shortcut, LeakyReLU and 2x2 max pool."""
+  features: int
+  precision: PrecisionLike = "float"
+  negative_slope: float = 0.1
+
+  @nn.compact
+  def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
+    y = x
+    for i in range(3):
+      y = layers.ConvBN(self.features, (3, 3), (1, 1), 1, self.precision, name=f"conv{i + 1}")(
+          y, train)
+      if i < 2:
+        y = nn.leaky_relu(y, self.negative_slope)
+    shortcut = layers.ConvBN(self.features, (1, 1), (1, 1), 0, self.precision,
+                             name="downsample")(x, train)
+    y = nn.leaky_relu(layers.quantize_activation(y + shortcut, self.precision),
+                      self.negative_slope)
+    return nn.max_pool(y, (2, 2), strides=(2, 2))
+
+
+class ResNet12(nn.Module):
+  """The few-shot ResNet12: four residual stages of three convs, widths 64-160-320-640 (12.4M).
+
+  DropBlock, used by some papers while pre-training, is not included: the library adapts
+  pre-trained networks.
+
+  Attributes:
+    num_classes: width of the linear head ``"head"``; ``None`` returns the pooled features.
+    widths: channels of the four stages.
+    precision: ``"float"``, ``"16w8a"``, ...
+  """
+  num_classes: Optional[int] = None
+  widths: Sequence[int] = (64, 160, 320, 640)
+  precision: PrecisionLike = "float"
+
+  @nn.compact
+  def __call__(self, images: jax.Array, train: bool = False) -> jax.Array:
+    x = layers.quantize_activation(images, self.precision)
+    for i, width in enumerate(self.widths):
+      x = ResNet12Block(width, self.precision, name=f"block{i}")(x, train)
+    x = _global_average_pool(x, self.precision)
+    if self.num_classes is None:
+      return x
+    return layers.QDense(self.num_classes, self.precision, name="head")(x)

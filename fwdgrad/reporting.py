@@ -1,0 +1,173 @@
+"""What a training run leaves for a person to look at: metrics, curves and a results table.
+
+* :class:`MetricWriter` appends one JSON object per logged step to ``metrics.jsonl`` and writes the
+  same scalars as TensorBoard event files (through ``tensorboardX``, which needs no TensorFlow; when
+  it is not installed only the JSON lines are written).
+* :func:`plot_curves` draws loss and accuracy curves from the JSON lines into PNG files.
+* :func:`results_table` formats the final per-method accuracies (mean and 95% confidence interval
+  over tasks) as a markdown table.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from typing import Iterable, Mapping, Optional, Sequence
+
+import numpy as np
+
+
+class MetricWriter:
+  """Scalars to ``<logdir>/metrics.jsonl`` and TensorBoard event files in ``<logdir>``.
+
+  Args:
+    logdir: directory for the files (created).
+    tensorboard: also write TensorBoard summaries when ``tensorboardX`` is importable.
+
+  Examples:
+    >>> writer = MetricWriter("/tmp/run/pretrain")
+    >>> writer.write(100, {"loss": 0.3, "accuracy": 0.9})
+    >>> writer.close()
+  """
+
+  def __init__(self, logdir: str, *, tensorboard: bool = True):
+    os.makedirs(logdir, exist_ok=True)
+    self.path = os.path.join(logdir, "metrics.jsonl")
+    self._summary = None
+    if tensorboard:
+      try:
+        from tensorboardX import SummaryWriter  # pylint: disable=g-import-not-at-top
+      except ImportError:
+        SummaryWriter = None
+      if SummaryWriter is not None:
+        self._summary = SummaryWriter(logdir)
+
+  def truncate_after(self, step: int) -> None:
+    """Drops rows logged after ``step``: a resumed run logs those steps again."""
+    rows = [row for row in read_metrics(self.path) if row["step"] <= step]
+    with open(self.path, "w") as f:
+      for row in rows:
+        f.write(json.dumps(row) + "\n")
+
+  def write(self, step: int, scalars: Mapping[str, float]) -> None:
+    row = {"step": int(step), **{k: float(v) for k, v in scalars.items()}}
+    with open(self.path, "a") as f:
+      f.write(json.dumps(row) + "\n")
+    if self._summary is not None:
+      for name, value in scalars.items():
+        self._summary.add_scalar(name, float(value), int(step))
+      self._summary.flush()
+
+  def close(self) -> None:
+    if self._summary is not None:
+      self._summary.close()
+
+
+def read_metrics(path: str) -> list[dict]:
+  """The rows of a ``metrics.jsonl`` file (empty if it does not exist)."""
+  if not os.path.exists(path):
+    return []
+  with open(path) as f:
+    return [json.loads(line) for line in f if line.strip()]
+
+
+def _pyplot():
+  import matplotlib  # pylint: disable=g-import-not-at-top
+  matplotlib.use("Agg", force=False)
+  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+  return plt
+
+
+def plot_curves(rows: Sequence[Mapping[str, float]], keys: Iterable[str], path: str,
+                title: str = "") -> Optional[str]:
+  """One panel per key (for example ``loss``, ``accuracy``) against ``step``; saved as PNG.
+
+  Returns:
+    ``path``, or ``None`` when no row has any of the keys.
+  """
+  keys = [k for k in keys if any(k in row for row in rows)]
+  if not keys:
+    return None
+  plt = _pyplot()
+  fig, axes = plt.subplots(1, len(keys), figsize=(4.5 * len(keys), 3.4), squeeze=False)
+  for ax, key in zip(axes[0], keys):
+    points = [(row["step"], row[key]) for row in rows if key in row]
+    ax.plot(*zip(*points), marker="." if len(points) < 30 else None)
+    ax.set_xlabel("step")
+    ax.set_ylabel(key)
+    ax.grid(alpha=0.3)
+  if title:
+    fig.suptitle(title)
+  fig.tight_layout()
+  fig.savefig(path, dpi=110)
+  plt.close(fig)
+  return path
+
+
+def plot_adaptation(curves: Mapping[str, np.ndarray], accuracies: Mapping[str, Sequence[float]],
+                    path: str, title: str = "") -> str:
+  """Mean adaptation loss per step for each method, and final accuracy with 95% CI; PNG."""
+  plt = _pyplot()
+  fig, (left, right) = plt.subplots(1, 2, figsize=(10, 3.8))
+  for name, curve in curves.items():
+    if curve is not None and len(curve):
+      left.plot(np.arange(1, len(curve) + 1), curve, label=name)
+  left.set_xlabel("adaptation step")
+  left.set_ylabel("training loss (mean over tasks)")
+  left.grid(alpha=0.3)
+  if left.lines:
+    left.legend(fontsize=8)
+  names = list(accuracies)
+  means = [100 * np.mean(accuracies[n]) for n in names]
+  errors = [100 * confidence_interval(accuracies[n]) for n in names]
+  right.bar(range(len(names)), means, yerr=errors, capsize=4, color="tab:blue", alpha=0.8)
+  right.set_xticks(range(len(names)))
+  right.set_xticklabels(names, rotation=30, ha="right", fontsize=8)
+  right.set_ylabel("accuracy (%), 95% CI")
+  low = max(0.0, min(m - e for m, e in zip(means, errors)) - 5) if names else 0.0
+  right.set_ylim(low, 100)
+  right.grid(alpha=0.3, axis="y")
+  if title:
+    fig.suptitle(title)
+  fig.tight_layout()
+  fig.savefig(path, dpi=110)
+  plt.close(fig)
+  return path
+
+
+def confidence_interval(values: Sequence[float]) -> float:
+  """Half-width of the normal 95% confidence interval of the mean: 1.96 σ / √T."""
+  values = np.asarray(values, np.float64)
+  if values.size < 2:
+    return 0.0
+  return float(1.96 * values.std(ddof=1) / math.sqrt(values.size))
+
+
+def summarize(accuracies: Sequence[float]) -> dict:
+  """Mean accuracy, its 95% CI half-width and the number of tasks."""
+  return {"accuracy": float(np.mean(accuracies)) if len(accuracies) else float("nan"),
+          "ci95": confidence_interval(accuracies), "tasks": len(accuracies)}
+
+
+def results_table(results: Mapping[str, Mapping[str, float]], reference: Optional[str] = None
+                  ) -> str:
+  """A markdown table of per-method results (accuracy in %, ± 95% CI).
+
+  Args:
+    results: method name -> dict with ``accuracy``, ``ci95``, ``tasks`` and optionally
+      ``precision``, ``seconds_per_task``.
+    reference: a method to report differences against (for example ``"backprop"``).
+  """
+  header = ["method", "precision", "accuracy (%)", "tasks", "s/task"]
+  if reference in results:
+    header.insert(3, f"vs {reference}")
+  lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+  for name, row in results.items():
+    cells = [name, str(row.get("precision", "")),
+             f"{100 * row['accuracy']:.2f} ± {100 * row['ci95']:.2f}"]
+    if reference in results:
+      cells.append(f"{100 * (row['accuracy'] - results[reference]['accuracy']):+.2f}")
+    cells += [str(row["tasks"]), f"{row.get('seconds_per_task', float('nan')):.2f}"]
+    lines.append("| " + " | ".join(cells) + " |")
+  return "\n".join(lines)

@@ -1,0 +1,338 @@
+"""``train_and_evaluate(config, workdir)``: pre-train a backbone, adapt it by each method, report.
+
+This is what ``train.py``, the tests and the notebooks call. A run:
+
+1. checks the whole config before any work (:func:`fwdgrad.experiment.validate_config`);
+2. loads the data and splits it: few-shot tasks take class-disjoint base / validation / novel
+   classes (and, for audio, speaker-disjoint parts); transfer tasks a train / test split;
+3. pre-trains the backbone with backprop on the base classes (or a separate source dataset), with
+   checkpoints every ``pretrain.checkpoint_every`` steps, and saves it; a later run, or the same run
+   started again, loads it (``pretrain.init_checkpoint`` loads one from elsewhere);
+4. adapts the backbone to ``task.num_tasks`` tasks by every method of ``config.methods`` and
+   records each task's query accuracy as it finishes;
+5. writes ``results.json``, ``results.md`` and PNG curves, and prints the table.
+
+Nothing is lost when a run is interrupted: started again with the same command, it resumes
+pre-training from the last checkpoint and skips the tasks already done. Batches, episodes and
+method keys are functions of ``(seed, step)`` and ``(seed, task)``, so the resumed run ends with
+the same results as an uninterrupted one.
+
+Layout of ``workdir``::
+
+  pretrain/checkpoints/   orbax checkpoints of pre-training (params, batch_stats, optimizer)
+  pretrain/metrics.jsonl  loss / accuracy every ``log_every`` steps (+ TensorBoard events)
+  backbone/               the pre-trained backbone that adaptation starts from
+  tasks/<method>.jsonl    one line per finished task: accuracy and the adaptation loss curve
+  results.json, results.md, plots/*.png
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from typing import Optional
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+import orbax.checkpoint as ocp
+
+from fwdgrad import adaptation
+from fwdgrad import experiment
+from fwdgrad import models
+from fwdgrad import reporting
+from fwdgrad.data import dataset as dataset_lib
+from fwdgrad.data import episodes
+
+
+def _progress(iterable=None, **kwargs):
+  from tqdm.auto import tqdm  # pylint: disable=g-import-not-at-top
+  return tqdm(iterable, dynamic_ncols=True, **kwargs)
+
+
+# ---------------------------------------------------------------------------------------------
+# Data.
+
+
+class Splits:
+  """The datasets of a run: ``pretrain`` (+ ``pretrain_val``) and ``adapt`` (what tasks use)."""
+
+  def __init__(self, pretrain, pretrain_val, adapt, adapt_test=None):
+    self.pretrain, self.pretrain_val, self.adapt, self.adapt_test = (
+        pretrain, pretrain_val, adapt, adapt_test)
+
+
+def make_splits(config) -> Splits:
+  """Loads and splits the data of ``config`` (see the module docstring)."""
+  data = experiment.load_data(config.data)
+  task = config.task
+  if task.kind == "fewshot":
+    sizes = tuple(size for size in task.split_sizes if size)  # An empty validation part is fine.
+    if task.split_by == "class_and_group":
+      # Speakers (or alphabets) of pre-training never appear in the tasks, nor do their classes.
+      first, second = episodes.split_groups(data, tuple(task.group_split), seed=config.seed)
+      base = episodes.split_classes(first, sizes, seed=config.seed)[0]
+      novel = episodes.split_classes(second, sizes, seed=config.seed)[-1]
+    else:
+      parts = episodes.split_classes(data, sizes, seed=config.seed)
+      base, novel = parts[0], parts[-1]
+    experiment.check_episodes(novel, task)
+    source = base
+    adapt_set, adapt_test = novel, None
+  else:
+    adapt_set, adapt_test = dataset_lib.split_examples(data, task.test_fraction, seed=config.seed)
+    source = None
+  if config.pretrain.data.source:
+    source = experiment.load_data(config.pretrain.data)
+  if source is None:
+    pretrain = pretrain_val = None
+  else:
+    pretrain, pretrain_val = dataset_lib.split_examples(source, config.pretrain.val_fraction,
+                                                        seed=config.seed)
+  return Splits(pretrain, pretrain_val, adapt_set, adapt_test)
+
+
+def make_task(config, splits: Splits, index: int) -> adaptation.Task:
+  """Task ``index``: a few-shot episode, or a (sub-sampled) train split and the test split."""
+  task = config.task
+  if task.kind == "fewshot":
+    episode = episodes.sample_episode(splits.adapt, config.seed, index, num_ways=task.ways,
+                                      num_shots=task.shots, num_queries=task.queries)
+    return adaptation.Task(*episode[:4])
+  train = splits.adapt
+  if task.train_examples and task.train_examples < train.num_examples:
+    order = np.random.default_rng((config.seed, 7, index)).permutation(train.num_examples)
+    train = dataset_lib.subset(train, np.sort(order[:task.train_examples]))
+  return adaptation.Task(train.inputs, train.labels, splits.adapt_test.inputs,
+                         splits.adapt_test.labels)
+
+
+# ---------------------------------------------------------------------------------------------
+# Pre-training with backprop.
+
+
+def _pretrain_model(config, num_classes: int):
+  return models.get_model(config.model.name, num_classes=num_classes, precision="float",
+                          **config.model.kwargs.to_dict())
+
+
+def _init_variables(config, num_classes: int, example):
+  model = _pretrain_model(config, num_classes)
+  variables = model.init(jax.random.key(config.seed), example[:1], train=False)
+  return model, {"params": variables["params"], "batch_stats": variables.get("batch_stats", {})}
+
+
+def pretrain(config, splits: Splits, workdir: str) -> dict:
+  """Pre-trains with backprop (resuming from the last checkpoint); returns the backbone variables.
+
+  The backbone is the pre-trained network without its ``"head"``; it is saved in
+  ``<workdir>/backbone`` and loaded from there when it exists.
+  """
+  backbone_dir = os.path.join(os.path.abspath(workdir), "backbone")
+  if config.pretrain.init_checkpoint:
+    return load_backbone(config.pretrain.init_checkpoint, config.model.name)
+  if os.path.exists(backbone_dir):
+    return load_backbone(backbone_dir)
+  train, val = splits.pretrain, splits.pretrain_val
+  cfg = config.pretrain
+  model, variables = _init_variables(config, train.num_classes, train.inputs)
+  schedule = optax.cosine_decay_schedule(cfg.learning_rate, max(cfg.steps, 1))
+  tx = optax.chain(optax.add_decayed_weights(cfg.weight_decay),
+                   adaptation.make_optimizer(cfg.optimizer, schedule))
+  state = {"step": jnp.zeros((), jnp.int32), "variables": variables,
+           "opt_state": tx.init(variables["params"])}
+
+  manager = ocp.CheckpointManager(
+      os.path.join(os.path.abspath(workdir), "pretrain", "checkpoints"),
+      options=ocp.CheckpointManagerOptions(max_to_keep=2, create=True))
+  writer = reporting.MetricWriter(os.path.join(workdir, "pretrain"))
+  start = manager.latest_step()
+  if start is not None:
+    abstract = jax.tree_util.tree_map(ocp.utils.to_shape_dtype_struct, state)
+    state = manager.restore(start, args=ocp.args.StandardRestore(abstract))
+    writer.truncate_after(start)
+  start = int(state["step"])
+
+  inputs, labels = jnp.asarray(train.inputs), jnp.asarray(train.labels)
+  batch_size = min(cfg.batch_size, train.num_examples)
+  data_key = jax.random.fold_in(jax.random.key(config.seed), 1)
+
+  def loss_fn(params, batch_stats, x, y):
+    logits, mutated = model.apply({"params": params, "batch_stats": batch_stats}, x, train=True,
+                                  mutable=["batch_stats"])
+    loss = optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
+    return loss, (mutated.get("batch_stats", {}), jnp.mean(jnp.argmax(logits, -1) == y))
+
+  def step(state, _):
+    index = jax.random.choice(jax.random.fold_in(data_key, state["step"]), inputs.shape[0],
+                              (batch_size,), replace=False)
+    params, batch_stats = state["variables"]["params"], state["variables"]["batch_stats"]
+    (loss, (batch_stats, accuracy)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
+        params, batch_stats, inputs[index], labels[index])
+    updates, opt_state = tx.update(grads, state["opt_state"], params)
+    new_state = {"step": state["step"] + 1,
+                 "variables": {"params": optax.apply_updates(params, updates),
+                               "batch_stats": batch_stats},
+                 "opt_state": opt_state}
+    return new_state, (loss, accuracy)
+
+  @jax.jit
+  def run_chunk(state, length_marker):
+    return jax.lax.scan(step, state, None, length=length_marker.shape[0])
+
+  evaluate = jax.jit(lambda variables, x: model.apply(variables, x, train=False))
+  bar = _progress(total=cfg.steps, initial=start, desc="pre-train", disable=not config.progress)
+  while start < cfg.steps:
+    length = min(cfg.log_every, cfg.steps - start)
+    state, (losses, accuracies) = run_chunk(state, jnp.zeros((length,)))
+    start += length
+    row = {"loss": float(losses.mean()), "accuracy": float(accuracies.mean())}
+    if val is not None and val.num_examples:
+      logits = adaptation._batched_features(  # pylint: disable=protected-access
+          lambda v, x: evaluate(v, x), state["variables"], jnp.asarray(val.inputs),
+          config.adapt.eval_batch_size)
+      row["val_accuracy"] = float(jnp.mean(jnp.argmax(logits, -1) == val.labels))
+    writer.write(start, row)
+    bar.update(length)
+    bar.set_postfix({k: f"{v:.3f}" for k, v in row.items()})
+    if start % cfg.checkpoint_every == 0 or start == cfg.steps:
+      manager.save(start, args=ocp.args.StandardSave(state))
+  manager.wait_until_finished()
+  manager.close()
+  bar.close()
+  writer.close()
+  reporting.plot_curves(reporting.read_metrics(writer.path), ("loss", "accuracy", "val_accuracy"),
+                        os.path.join(workdir, "plots", "pretrain.png"), "pre-training (backprop)")
+  backbone = {"params": {k: v for k, v in state["variables"]["params"].items() if k != "head"},
+              "batch_stats": state["variables"]["batch_stats"]}
+  save_backbone(backbone_dir, backbone)
+  return backbone
+
+
+def save_backbone(path: str, variables: dict) -> None:
+  checkpointer = ocp.StandardCheckpointer()
+  checkpointer.save(os.path.abspath(path), variables)
+  checkpointer.wait_until_finished()
+
+
+def load_backbone(path: str, model_name: Optional[str] = None) -> dict:
+  """Backbone variables ``{"params", "batch_stats"}``.
+
+  Args:
+    path: a directory saved by :func:`save_backbone` (the ``backbone`` directory of a workdir);
+      for ``model_name="speech_embedding"`` also openWakeWord's ``embedding_model.tflite``, the
+      ``pyopen-wakeword`` wheel or a directory holding either (its real pre-trained weights).
+    model_name: the model the weights are for.
+  """
+  path = os.path.abspath(os.path.expanduser(path))
+  saved_by_orbax = os.path.exists(os.path.join(path, "_CHECKPOINT_METADATA"))
+  if model_name == "speech_embedding" and not saved_by_orbax:
+    from fwdgrad.models import speech_embedding  # pylint: disable=g-import-not-at-top
+    variables = dict(speech_embedding.load_pretrained(path))
+  elif not os.path.isdir(path):
+    raise ValueError(f"config.pretrain.init_checkpoint: no checkpoint directory at {path}; "
+                     "give the 'backbone' directory of an earlier run's workdir.")
+  else:
+    variables = ocp.StandardCheckpointer().restore(path)
+  variables.setdefault("batch_stats", {})
+  return jax.tree_util.tree_map(jnp.asarray, variables)
+
+
+# ---------------------------------------------------------------------------------------------
+# Adaptation and the report.
+
+
+def _base_mean(config, splits: Splits, variables: dict) -> Optional[np.ndarray]:
+  """SimpleShot's centring feature: the mean pre-trained feature of (up to 1,000) base examples."""
+  if config.adapt.head != "simpleshot" or splits.pretrain is None:
+    return None
+  model = models.get_model(config.model.name, num_classes=None, precision="float",
+                           **config.model.kwargs.to_dict())
+  inputs = jnp.asarray(splits.pretrain.inputs[:1000])
+  features = adaptation._batched_features(  # pylint: disable=protected-access
+      lambda p, x: model.apply({"params": p, "batch_stats": variables["batch_stats"]}, x,
+                               train=False), variables["params"], inputs,
+      config.adapt.eval_batch_size)
+  return np.asarray(features.reshape(features.shape[0], -1).mean(0))
+
+
+def _read_done(path: str) -> dict:
+  return {row["task"]: row for row in reporting.read_metrics(path)}
+
+
+def adapt_all(config, splits: Splits, variables: dict, workdir: str) -> dict:
+  """Runs every method on every task (skipping tasks already recorded); returns the results."""
+  os.makedirs(os.path.join(workdir, "tasks"), exist_ok=True)
+  num_classes = config.task.ways if config.task.kind == "fewshot" else splits.adapt.num_classes
+  base_mean = _base_mean(config, splits, variables)
+  results, curves, accuracies = {}, {}, {}
+  for name, method in experiment.methods(config):
+    path = os.path.join(workdir, "tasks", f"{name}.jsonl")
+    done = _read_done(path)
+    adapter = None
+    bar = _progress(range(config.task.num_tasks), desc=name, disable=not config.progress)
+    seconds = []
+    for index in bar:
+      if index not in done:
+        if adapter is None:
+          adapter = adaptation.Adapter(config.model.name, config.model.kwargs.to_dict(),
+                                       variables, method, config.adapt, num_classes,
+                                       config.seed, base_mean)
+        task = make_task(config, splits, index)
+        start = time.perf_counter()
+        result = adapter(task, jax.random.fold_in(jax.random.key(config.seed), index))
+        seconds.append(time.perf_counter() - start)
+        done[index] = {"task": index, "accuracy": result.accuracy,
+                       "losses": [float(v) for v in result.losses], "seconds": seconds[-1]}
+        with open(path, "a") as f:
+          f.write(json.dumps(done[index]) + "\n")
+      bar.set_postfix(accuracy=f"{np.mean([done[i]['accuracy'] for i in done]):.3f}")
+    rows = [done[i] for i in range(config.task.num_tasks)]
+    accuracies[name] = [row["accuracy"] for row in rows]
+    losses = [row["losses"] for row in rows if row["losses"]]
+    curves[name] = np.mean(np.asarray(losses), axis=0) if losses else None
+    # Compile time is in the first task; report the steady-state time per task.
+    steady = [row["seconds"] for row in rows[1:]] or [rows[0]["seconds"]]
+    results[name] = {**reporting.summarize(accuracies[name]), "kind": method.kind,
+                     "precision": method.precision, "seconds_per_task": float(np.median(steady))}
+    if curves[name] is not None:
+      results[name]["final_loss"] = float(curves[name][-1])
+  reporting.plot_adaptation(curves, accuracies, os.path.join(workdir, "plots", "adaptation.png"),
+                            f"{config.task.kind}: {config.data.source}, {config.model.name}, "
+                            f"{config.adapt.mode}/{config.adapt.head}")
+  return results
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
+  """Pre-trains (or loads) a backbone, adapts it by every configured method, writes the report.
+
+  Args:
+    config: an experiment config (see ``configs/`` and :func:`fwdgrad.experiment.default_config`).
+    workdir: where checkpoints, metrics, plots and results go; reusing it resumes the run.
+
+  Returns:
+    ``{method: {"accuracy", "ci95", "tasks", "kind", "precision", "seconds_per_task", ...}}``.
+  """
+  config = experiment.validate_config(config)
+  os.makedirs(os.path.join(workdir, "plots"), exist_ok=True)
+  with open(os.path.join(workdir, "config.json"), "w") as f:
+    f.write(config.to_json(indent=2))
+  try:
+    splits = make_splits(config)
+  except experiment.ConfigError:
+    raise
+  except ValueError as error:  # What a data source says about its arguments or files.
+    raise experiment.ConfigError(f"config.data (source {config.data.source!r}): {error}") from error
+  variables = pretrain(config, splits, workdir)
+  results = adapt_all(config, splits, variables, workdir)
+  reference = "backprop" if "backprop" in results else None
+  table = reporting.results_table(results, reference)
+  with open(os.path.join(workdir, "results.json"), "w") as f:
+    json.dump(results, f, indent=2)
+  with open(os.path.join(workdir, "results.md"), "w") as f:
+    f.write(table + "\n")
+  print(table)
+  return results

@@ -1,0 +1,65 @@
+"""Every config in configs/ loads, validates, and runs end to end at a tiny size."""
+
+import glob
+import os
+
+import pytest
+
+from fwdgrad import experiment
+from fwdgrad import train_lib
+
+from test_train_lib import REPO, load_config
+
+CONFIGS = sorted(os.path.basename(p)[:-3] for p in glob.glob(os.path.join(REPO, "configs", "*.py")))
+DATA_DIR = os.environ.get("FWDGRAD_DATA_DIR", os.path.join(REPO, "..", "shared", "data"))
+# (config, variant) pairs run end to end; every variant named in a config docstring is covered.
+TINY_RUNS = [("quickstart", "tiny"), ("fewshot_vision", "tiny"), ("fewshot_audio", "tiny"),
+             ("cross_domain", "tiny"), ("cross_domain", "tiny_dvpt"), ("ood", "tiny"),
+             ("ood", "tiny_sparse_lp3")]
+
+
+def _with_local_data(config):
+  """Points the config's ``data/`` paths at the local data directory."""
+  for data in (config.data, config.pretrain.data):
+    path = data.kwargs.get("path")
+    if path and path.startswith("data" + os.sep):
+      data.kwargs.path = os.path.join(DATA_DIR, path[len("data" + os.sep):])
+  return config
+
+
+def _require_data(config):
+  for data in (config.data, config.pretrain.data):
+    path = data.kwargs.get("path")
+    if path and not os.path.exists(path):
+      if os.environ.get("CI") == "true":
+        pytest.fail(f"CI must provide {path}")
+      pytest.skip(f"{path} is not on this machine (see the config's docstring)")
+
+
+def test_there_is_a_config_per_experiment():
+  assert {"quickstart", "fewshot_vision", "fewshot_audio", "cross_domain", "ood"} <= set(CONFIGS)
+  assert {name for name, _ in TINY_RUNS} == set(CONFIGS)
+
+
+@pytest.mark.parametrize("name", CONFIGS)
+def test_config_loads_and_validates_with_its_command_in_the_docstring(name):
+  config = _with_local_data(load_config(name))
+  with open(os.path.join(REPO, "configs", f"{name}.py")) as f:
+    assert f"--config configs/{name}.py" in f.read()
+  for data in (config.data, config.pretrain.data):
+    if "path" in data.kwargs:
+      del data.kwargs["path"]  # Paths are checked in the end-to-end runs.
+  validated = experiment.validate_config(config)
+  assert validated.methods
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name,arg", TINY_RUNS)
+def test_config_runs_end_to_end_at_a_tiny_size(name, arg, tmp_path):
+  config = _with_local_data(load_config(name, arg))
+  _require_data(config)
+  results = train_lib.train_and_evaluate(config, str(tmp_path))
+  assert set(results) == set(config.methods)
+  for row in results.values():
+    assert 0.0 <= row["accuracy"] <= 1.0
+  assert os.path.exists(tmp_path / "results.md")

@@ -1,0 +1,189 @@
+"""Tests of train_lib / experiment: validation, a tiny end-to-end run, resume after interruption."""
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+
+import ml_collections
+import numpy as np
+import pytest
+
+from fwdgrad import experiment
+from fwdgrad import train_lib
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def load_config(name, arg=None):
+  spec = importlib.util.spec_from_file_location(name, os.path.join(REPO, "configs", f"{name}.py"))
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config(arg)
+
+
+def tiny_quickstart():
+  config = load_config("quickstart", "tiny")
+  config.methods = dict(zero_shot=dict(kind="zero_shot"),
+                        ff=dict(kind="ff", learning_rate=1e-2),
+                        qzo=dict(kind="qzo_ff", precision="16w8a", learning_rate=1e-3))
+  config.pretrain.steps = 6
+  config.task.num_tasks = 3
+  return config
+
+
+def test_tiny_run_writes_everything_a_person_looks_at(tmp_path):
+  results = train_lib.train_and_evaluate(tiny_quickstart(), str(tmp_path))
+  assert set(results) == {"zero_shot", "ff", "qzo"}
+  for row in results.values():
+    assert 0.0 <= row["accuracy"] <= 1.0 and row["tasks"] == 3
+  for name in ("results.json", "results.md", "config.json", "plots/pretrain.png",
+               "plots/adaptation.png", "pretrain/metrics.jsonl", "tasks/ff.jsonl"):
+    assert os.path.exists(tmp_path / name), name
+  assert any(f.startswith("events.out.tfevents") for f in os.listdir(tmp_path / "pretrain"))
+  rows = [json.loads(l) for l in open(tmp_path / "pretrain" / "metrics.jsonl")]
+  assert [r["step"] for r in rows] == [2, 4, 6]
+  assert "| qzo | 16w8a |" in open(tmp_path / "results.md").read()
+  # The adaptation loss curve has one value per step, for the methods that train.
+  task = json.loads(open(tmp_path / "tasks" / "ff.jsonl").readline())
+  assert len(task["losses"]) == 2
+
+
+class Interrupt(Exception):
+  pass
+
+
+def test_resume_after_interruption_ends_like_an_uninterrupted_run(tmp_path, monkeypatch):
+  config = tiny_quickstart()
+  reference = train_lib.train_and_evaluate(config, str(tmp_path / "reference"))
+
+  # Interrupt once pre-training has checkpointed step 2 of 6 (inside the step loop) ...
+  original_save = train_lib.ocp.CheckpointManager.save
+  def failing_save(self, step, *args, **kwargs):
+    result = original_save(self, step, *args, **kwargs)
+    if step == 4:
+      self.wait_until_finished()
+      raise Interrupt
+    return result
+  monkeypatch.setattr(train_lib.ocp.CheckpointManager, "save", failing_save)
+  with pytest.raises(Interrupt):
+    train_lib.train_and_evaluate(config, str(tmp_path / "resumed"))
+  monkeypatch.setattr(train_lib.ocp.CheckpointManager, "save", original_save)
+
+  # ... and once in the middle of the adaptation tasks.
+  original_call = train_lib.adaptation.Adapter.__call__
+  calls = []
+  def failing_call(self, task, key):
+    calls.append(1)
+    if len(calls) == 5:
+      raise Interrupt
+    return original_call(self, task, key)
+  monkeypatch.setattr(train_lib.adaptation.Adapter, "__call__", failing_call)
+  with pytest.raises(Interrupt):
+    train_lib.train_and_evaluate(config, str(tmp_path / "resumed"))
+  monkeypatch.setattr(train_lib.adaptation.Adapter, "__call__", original_call)
+  done = [json.loads(l) for l in open(tmp_path / "resumed" / "tasks" / "ff.jsonl")]
+  assert len(done) == 1  # zero_shot's 3 tasks and ff's first were kept.
+
+  resumed = train_lib.train_and_evaluate(config, str(tmp_path / "resumed"))
+  for name in reference:
+    np.testing.assert_allclose(resumed[name]["accuracy"], reference[name]["accuracy"], atol=1e-7)
+  steps = [json.loads(l)["step"] for l in open(tmp_path / "resumed" / "pretrain" / "metrics.jsonl")]
+  assert steps == [2, 4, 6]
+  first = [json.loads(l) for l in open(tmp_path / "reference" / "tasks" / "qzo.jsonl")]
+  again = [json.loads(l) for l in open(tmp_path / "resumed" / "tasks" / "qzo.jsonl")]
+  assert [r["accuracy"] for r in first] == [r["accuracy"] for r in again]
+  assert [r["losses"] for r in first] == [r["losses"] for r in again]
+
+
+def test_saved_backbone_is_reused_by_a_later_run(tmp_path):
+  config = tiny_quickstart()
+  train_lib.train_and_evaluate(config, str(tmp_path / "a"))
+  config.pretrain.init_checkpoint = str(tmp_path / "a" / "backbone")
+  config.pretrain.steps = 10 ** 6  # Would take forever if it pre-trained again.
+  results = train_lib.train_and_evaluate(config, str(tmp_path / "b"))
+  assert not os.path.exists(tmp_path / "b" / "pretrain")
+  assert results["zero_shot"]["tasks"] == 3
+
+
+@pytest.mark.parametrize("field,value,message", [
+    ("model.name", "resnet50", "config.model.name = 'resnet50' is not allowed; use one of"),
+    ("data.source", "imagenet", "config.data.source = 'imagenet' is not allowed"),
+    ("adapt.mode", "bitfit", "config.adapt.mode = 'bitfit' is not allowed; use one of"),
+    ("adapt.head", "knn", "config.adapt.head"),
+    ("task.ways", 0, "config.task.ways must be a positive integer"),
+    ("adapt.sparsity", 1.0, "config.adapt.sparsity = 1.0 must lie in"),
+    ("pretrain.checkpoint_every", 3, "multiple of config.pretrain.log_every"),
+    ("data.corruption", "fog", "config.data.corruption = 'fog' is not allowed"),
+])
+def test_bad_fields_are_named_with_the_allowed_values(field, value, message):
+  config = tiny_quickstart()
+  section, key = field.split(".")
+  with config[section].ignore_type():
+    config[section][key] = value
+  with pytest.raises(ValueError, match=message.replace("(", r"\(").replace(".", r"\.")):
+    experiment.validate_config(config)
+
+
+def test_typo_in_a_field_name_is_caught():
+  config = tiny_quickstart()
+  config.adapt.stpes = 5
+  with pytest.raises(ValueError, match=r"config\.adapt\.stpes is not a config field"):
+    experiment.validate_config(config)
+
+
+def test_bad_methods_are_caught():
+  config = tiny_quickstart()
+  config.methods.ff.kind = "adjoint"
+  with pytest.raises(ValueError, match=r"config\.methods\.ff\.kind = 'adjoint'"):
+    experiment.validate_config(config)
+  config = tiny_quickstart()
+  config.methods.qzo.precision = "16w"
+  with pytest.raises(ValueError, match=r"config\.methods\.qzo\.precision"):
+    experiment.validate_config(config)
+  config = tiny_quickstart()
+  config.methods.qzo.precision = "float"
+  with pytest.raises(ValueError, match="fixed-point weight grid"):
+    experiment.validate_config(config)
+  config = tiny_quickstart()
+  config.adapt.mode = "lp"
+  with pytest.raises(ValueError, match="leaves nothing to train"):
+    experiment.validate_config(config)
+
+
+def test_missing_data_path_stops_before_any_work(tmp_path):
+  config = load_config("fewshot_vision", "tiny")
+  config.data.kwargs.path = str(tmp_path / "nowhere" / "omniglot.zip")
+  with pytest.raises(ValueError, match=r"config\.data\.kwargs\.path = .* does not exist"):
+    train_lib.train_and_evaluate(config, str(tmp_path / "work"))
+  assert not os.path.exists(tmp_path / "work")
+
+
+def test_impossible_episode_shapes_stop_before_training(tmp_path):
+  config = tiny_quickstart()
+  config.task.ways = 9  # The novel split has 7 classes.
+  with pytest.raises(ValueError, match=r"config\.task\.ways = 9 but the novel split has only 7"):
+    train_lib.train_and_evaluate(config, str(tmp_path))
+  config = tiny_quickstart()
+  config.task.queries = 500
+  with pytest.raises(ValueError, match="shots \\+ config.task.queries"):
+    train_lib.train_and_evaluate(config, str(tmp_path))
+  assert not os.path.exists(tmp_path / "pretrain")
+
+
+def test_train_py_runs_and_accepts_overrides(tmp_path):
+  command = [sys.executable, os.path.join(REPO, "train.py"),
+             f"--config={os.path.join(REPO, 'configs', 'quickstart.py')}:tiny",
+             f"--workdir={tmp_path}", "--config.task.num_tasks=1",
+             "--config.methods.qzo_ff_8w8a.steps=1"]
+  completed = subprocess.run(command, capture_output=True, text=True, timeout=600, cwd=tmp_path)
+  assert completed.returncode == 0, completed.stderr[-3000:]
+  assert "| qzo_ff_16w8a | 16w8a |" in completed.stdout
+  results = json.load(open(tmp_path / "results.json"))
+  assert results["zero_shot"]["tasks"] == 1
+  bad = subprocess.run(command[:4] + ["--config.adapt.mode=bitfit"], capture_output=True,
+                       text=True, timeout=600, cwd=tmp_path)
+  assert bad.returncode != 0
+  assert "config error: config.adapt.mode = 'bitfit' is not allowed" in bad.stderr
+  assert "Traceback" not in bad.stderr
