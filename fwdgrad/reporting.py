@@ -11,11 +11,12 @@
 from __future__ import annotations
 
 import json
-import math
 import os
 from typing import Iterable, Mapping, Optional, Sequence
 
 import numpy as np
+
+from fwdgrad.data.episodes import mean_confidence_interval
 
 
 class MetricWriter:
@@ -97,9 +98,14 @@ def plot_curves(rows: Sequence[Mapping[str, float]], keys: Iterable[str], path: 
     ax.set_xlabel("step")
     ax.set_ylabel(key)
     ax.grid(alpha=0.3)
+  return _save(plt, fig, path, title)
+
+
+def _save(plt, fig, path: str, title: str) -> str:
   if title:
     fig.suptitle(title)
   fig.tight_layout()
+  os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
   fig.savefig(path, dpi=110)
   plt.close(fig)
   return path
@@ -120,7 +126,7 @@ def plot_adaptation(curves: Mapping[str, np.ndarray], accuracies: Mapping[str, S
     left.legend(fontsize=8)
   names = list(accuracies)
   means = [100 * np.mean(accuracies[n]) for n in names]
-  errors = [100 * confidence_interval(accuracies[n]) for n in names]
+  errors = [100 * mean_confidence_interval(accuracies[n])[1] for n in names]
   right.bar(range(len(names)), means, yerr=errors, capsize=4, color="tab:blue", alpha=0.8)
   right.set_xticks(range(len(names)))
   right.set_xticklabels(names, rotation=30, ha="right", fontsize=8)
@@ -128,26 +134,13 @@ def plot_adaptation(curves: Mapping[str, np.ndarray], accuracies: Mapping[str, S
   low = max(0.0, min(m - e for m, e in zip(means, errors)) - 5) if names else 0.0
   right.set_ylim(low, 100)
   right.grid(alpha=0.3, axis="y")
-  if title:
-    fig.suptitle(title)
-  fig.tight_layout()
-  fig.savefig(path, dpi=110)
-  plt.close(fig)
-  return path
-
-
-def confidence_interval(values: Sequence[float]) -> float:
-  """Half-width of the normal 95% confidence interval of the mean: 1.96 σ / √T."""
-  values = np.asarray(values, np.float64)
-  if values.size < 2:
-    return 0.0
-  return float(1.96 * values.std(ddof=1) / math.sqrt(values.size))
+  return _save(plt, fig, path, title)
 
 
 def summarize(accuracies: Sequence[float]) -> dict:
   """Mean accuracy, its 95% CI half-width and the number of tasks."""
-  return {"accuracy": float(np.mean(accuracies)) if len(accuracies) else float("nan"),
-          "ci95": confidence_interval(accuracies), "tasks": len(accuracies)}
+  mean, ci95 = mean_confidence_interval(accuracies)
+  return {"accuracy": mean, "ci95": ci95, "tasks": len(accuracies)}
 
 
 def results_table(results: Mapping[str, Mapping[str, float]], reference: Optional[str] = None

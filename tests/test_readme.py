@@ -1,0 +1,34 @@
+"""The README's commands and example stay true."""
+
+import os
+import re
+
+import numpy as np
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _readme():
+  with open(os.path.join(REPO, "README.md")) as f:
+    return f.read()
+
+
+def test_readme_example_runs_and_trains():
+  blocks = re.findall(r"```python\n(.*?)```", _readme(), re.S)
+  assert blocks, "the README has no python example"
+  namespace = {}
+  exec(compile(blocks[0], "README.md", "exec"), namespace)  # pylint: disable=exec-used
+  initial = namespace["loss_fn"](namespace["model"].init(
+      __import__("jax").random.key(1), namespace["x"]))
+  assert float(namespace["loss_fn"](namespace["params"])) < 0.8 * float(initial)
+  assert len(blocks[0].strip().splitlines()) <= 30
+
+
+def test_readme_gives_exactly_the_two_commands_and_ci_runs_the_test_one():
+  commands = re.findall(r"```sh\n(.*?)```", _readme(), re.S)
+  assert len(commands) == 2
+  main_job, tests = (c.strip() for c in commands)
+  assert "train.py --config configs/quickstart.py" in main_job
+  assert tests == "bash scripts/test.sh"
+  with open(os.path.join(REPO, ".ci", "run")) as f:
+    assert tests in f.read()
