@@ -33,8 +33,11 @@ def get_config(arg=None):
       zero_shot=experiment.method("zero_shot"),
       backprop=experiment.method("backprop", learning_rate=1e-3, optimizer="adam"),
       ff=experiment.method("ff", learning_rate=1e-2, num_directions=3, optimizer="sgd"),
-      qzo_ff_16w8a=experiment.method("qzo_ff", precision="16w8a", learning_rate=1e-3, num_directions=3),
-      qzo_ff_8w8a=experiment.method("qzo_ff", precision="8w8a", learning_rate=1e-3, num_directions=3),
+      # The same η for both bit widths: with 8-bit weights ε rounds to zero for most tensors.
+      qzo_ff_16w8a=experiment.method("qzo_ff", precision="16w8a", learning_rate=1e-2,
+                                     num_directions=3),
+      qzo_ff_8w8a=experiment.method("qzo_ff", precision="8w8a", learning_rate=1e-2,
+                                    num_directions=3),
   )
   if arg == "tiny":
     experiment.shrink_for_tests(config)

@@ -20,6 +20,14 @@ Optax transforms (pass ``value_fn=loss_fn`` to ``update``)
                              perturbation; ``MomentumGuidedSampling`` configures the former.
   ``kernelwise_normalize``, ``masked_update``, ``sparse_update_mask``, ``binomial_sampler``.
 
+Training at inference memory, and on many devices
+  ``fused_spsa_step`` / ``make_fused_train_step``   MeZO-style step: perturb and update the params in
+                             place, directions regenerated from the key, no gradient pytree.
+  ``packed_rademacher``, ``blockwise_sampler``   cheap / bounded-memory perturbation samplers.
+  ``make_mesh``, ``make_parallel_train_step``, ``sharded_spsa_grad``   directions (and data) spread
+                             over devices; only scalar losses cross devices.
+  ``step_memory``, ``time_step``   XLA's memory accounting of a jitted step; median step time.
+
 Adaptation
   ``select_trainable`` / ``partition`` / ``merge`` / ``bind_frozen``   FT, LP, D-VPT, sparse update
                              as a partition of the params, so only what is trained is perturbed.
@@ -61,6 +69,10 @@ from fwdgrad.fewshot import protonet_logits
 from fwdgrad.fewshot import prototypes
 from fwdgrad.fewshot import simpleshot_logits
 from fwdgrad.fixed_point import fixed_point_weights
+from fwdgrad.fused import blockwise_sampler
+from fwdgrad.fused import fused_spsa_step
+from fwdgrad.fused import make_fused_train_step
+from fwdgrad.fused import packed_rademacher
 from fwdgrad.landscape import load_surface
 from fwdgrad.landscape import loss_surface
 from fwdgrad.landscape import pca_directions
@@ -68,6 +80,11 @@ from fwdgrad.landscape import plot_surfaces
 from fwdgrad.landscape import project_trajectory
 from fwdgrad.landscape import random_directions
 from fwdgrad.landscape import save_surface
+from fwdgrad.parallel import make_mesh
+from fwdgrad.parallel import make_parallel_train_step
+from fwdgrad.parallel import sharded_spsa_grad
+from fwdgrad.profiling import step_memory
+from fwdgrad.profiling import time_step
 from fwdgrad.quant import compute_scale
 from fwdgrad.quant import dequantize
 from fwdgrad.quant import fake_quant
@@ -87,6 +104,7 @@ __all__ = (
     "QZOState",
     "bind_frozen",
     "binomial_sampler",
+    "blockwise_sampler",
     "compute_scale",
     "data",
     "default_config",
@@ -97,26 +115,34 @@ __all__ = (
     "fake_quant",
     "fixed_point_weights",
     "forward_gradient",
+    "fused_spsa_step",
     "jvp_grad",
     "kernelwise_normalize",
     "load_surface",
     "loss_surface",
+    "make_fused_train_step",
+    "make_mesh",
+    "make_parallel_train_step",
     "masked_update",
     "merge",
     "models",
+    "packed_rademacher",
     "partition",
     "pca_directions",
     "plot_surfaces",
     "project_trajectory",
     "protonet_logits",
     "prototypes",
-    "qzo_ff",
     "quantize",
+    "qzo_ff",
     "random_directions",
     "sample_direction",
     "save_surface",
     "select_trainable",
+    "sharded_spsa_grad",
     "simpleshot_logits",
     "spsa_grad",
+    "step_memory",
+    "time_step",
     "train_and_evaluate",
 )

@@ -67,21 +67,49 @@ def make_optimizer(name: str, learning_rate: float) -> optax.GradientTransformat
 
 
 def make_transform(method, key: jax.Array) -> optax.GradientTransformationExtraArgs:
-  """The optax transformation of a method config (see :data:`METHOD_KINDS`)."""
+  """The optax transformation of a method config (see :data:`METHOD_KINDS`).
+
+  The paper's enhancements (Sec. 3.4) are method fields: ``momentum`` (momentum-guided sampling
+  with :class:`fwdgrad.MomentumGuidedSampling`'s defaults) and ``sharpness_radius`` (``ρ`` of the
+  sharpness-aware ascent step, 0 for off) for ``spsa`` (through
+  :func:`fwdgrad.enhanced_forward_gradient`) and ``qzo_ff`` (its own integer options), and
+  ``kernelwise`` (kernel-wise normalization, ``ĝ^i ‖w^i‖ / ‖ĝ^i‖`` per leaf) for ``ff``, ``spsa``
+  (:func:`fwdgrad.kernelwise_normalize` before the optimizer) and ``qzo_ff``. The 90%-sparse
+  update is ``config.adapt.sparsity`` (a partition of the parameters, for every method).
+  ``distribution="binomial"`` is the paper's name for Rademacher (±1) perturbations.
+
+  Examples:
+    >>> method = experiment.method("spsa", sharpness_radius=0.05, kernelwise=True)
+    >>> tx = make_transform(method, jax.random.key(0))
+  """
   kind = method.kind
+  distribution = method.distribution
+  momentum = fwdgrad.MomentumGuidedSampling() if method.get("momentum", False) else None
+  radius = float(method.get("sharpness_radius", 0.0)) or None
+  kernelwise = bool(method.get("kernelwise", False))
   if kind == "backprop":
     return optax.with_extra_args_support(make_optimizer(method.optimizer, method.learning_rate))
   if kind in ("ff", "spsa"):
-    estimate = fwdgrad.forward_gradient(
-        "jvp" if kind == "ff" else "spsa", key=key, num_directions=method.num_directions,
-        epsilon=method.epsilon, distribution=method.distribution,
-        sign=kind == "spsa" and method.sign)
-    return optax.chain(estimate, make_optimizer(method.optimizer, method.learning_rate))
+    if distribution == "binomial":
+      distribution = "rademacher"
+    if kind == "spsa" and (momentum is not None or radius is not None):
+      estimate = fwdgrad.enhanced_forward_gradient(
+          key=key, num_directions=method.num_directions, epsilon=method.epsilon, sign=method.sign,
+          distribution=distribution, momentum=momentum, sharpness_radius=radius)
+    else:
+      estimate = fwdgrad.forward_gradient(
+          "jvp" if kind == "ff" else "spsa", key=key, num_directions=method.num_directions,
+          epsilon=method.epsilon, distribution=distribution,
+          sign=kind == "spsa" and method.sign)
+    normalize = [fwdgrad.kernelwise_normalize()] if kernelwise else []
+    return optax.chain(estimate, *normalize,
+                       make_optimizer(method.optimizer, method.learning_rate))
   if kind == "qzo_ff":
     weight_bits = models.Precision.parse(method.precision).weight_bits or 16
     return fwdgrad.qzo_ff(method.learning_rate, key=key, num_directions=method.num_directions,
                           epsilon=method.epsilon, weight_bits=weight_bits,
-                          distribution=method.distribution)
+                          distribution=distribution, momentum=momentum,
+                          sharpness_radius=radius, kernelwise=kernelwise)
   raise ValueError(f"unknown method kind {kind!r}; expected one of {METHOD_KINDS}.")
 
 
@@ -167,8 +195,10 @@ class Adapter:
 
     Squared distances between pre-trained features are large enough to saturate the softmax (the
     loss is 0 and nothing trains); by default ProtoNets distances are divided by the feature
-    width, i.e. the loss sees the mean squared difference per feature. SimpleShot distances of
-    unit vectors lie in [0, 4], and its default temperature is 0.1.
+    width, i.e. the loss sees the mean squared difference per feature; so are the logits of a
+    linear head, which starts as the ProtoNets classifier (its weights keep their natural scale,
+    which is what fixed-point rounding sees). SimpleShot distances of unit vectors lie in [0, 4],
+    and its default temperature is 0.1.
     """
     if self.config.temperature:
       return float(self.config.temperature)
@@ -205,6 +235,8 @@ class Adapter:
       feats = features_of(trainable, xs, index)
       if self.parametric_head:
         logits = self.head.apply({"params": trainable["head"]}, feats)
+        if head_name == "linear":  # Started as the ProtoNets classifier: same temperature.
+          logits = logits / self._temperature(feats)
         return optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
       scale = 1.0 / self._temperature(feats)
       return fewshot.episode_loss(feats, labels, feats, labels, self.num_classes, scale=scale,

@@ -105,6 +105,20 @@ def _zeros_like(params: PyTree) -> PyTree:
   return jax.tree_util.tree_map(jnp.zeros_like, params)
 
 
+def _after(value: jax.Array, params: PyTree) -> PyTree:
+  """``params`` unchanged, bit for bit, as values XLA can only compute once ``value`` is known.
+
+  Used for ``w - εz``: it then waits for the forward call at ``w + εz`` to finish, so the two
+  perturbed copies of the parameters are never alive together (one copy fewer at the peak of a
+  step). Each leaf gets ``-0.0`` added, which leaves every float (zeros' signs included)
+  unchanged; the ``-0.0`` is computed from ``value`` (``isfinite`` keeps it a zero for an infinite
+  or NaN loss) and XLA does not fold ``x * 0`` for floats, so the dependency survives compilation.
+  """
+  value = value.astype(jnp.float32)
+  negative_zero = -jnp.abs(jnp.where(jnp.isfinite(value), value * 0.0, 0.0))
+  return jax.tree_util.tree_map(lambda leaf: leaf + negative_zero.astype(leaf.dtype), params)
+
+
 def jvp_grad(
     value_fn: Callable[[PyTree], jax.Array],
     params: PyTree,
@@ -198,7 +212,7 @@ def spsa_grad(
     loss_sum, grads = carry
     z = sample_direction(direction_key(key, index), params, sampler)
     loss_plus = value_fn(_axpy(epsilon, z, params))
-    loss_minus = value_fn(_axpy(-epsilon, z, params))
+    loss_minus = value_fn(_after(loss_plus, _axpy(-epsilon, z, params)))
     difference = (loss_plus - loss_minus).astype(jnp.float32)
     coefficient = jnp.sign(difference) if sign else difference / (2.0 * epsilon)
     loss_sum = loss_sum + 0.5 * (loss_plus + loss_minus).astype(jnp.float32)

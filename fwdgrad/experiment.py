@@ -37,7 +37,14 @@ METHOD_DEFAULTS = dict(
     distribution="gaussian",
     sign=True,               # spsa only: sign-m-SPSA
     steps=-1,                # -1: config.adapt.steps
+    # The paper's enhancements (Sec. 3.4); the sparse update is config.adapt.sparsity.
+    momentum=False,          # spsa, qzo_ff: momentum-guided sampling (MomentumGuidedSampling())
+    sharpness_radius=0.0,    # spsa, qzo_ff: ρ of the sharpness-aware ascent step (0: off)
+    kernelwise=False,        # ff, spsa, qzo_ff: kernel-wise normalization of the update
 )
+
+_ENHANCED_KINDS = dict(momentum=("spsa", "qzo_ff"), sharpness_radius=("spsa", "qzo_ff"),
+                       kernelwise=("ff", "spsa", "qzo_ff"))
 
 
 class ConfigError(ValueError):
@@ -237,8 +244,10 @@ def _check_method(where: str, method, adapt) -> None:
   except ValueError as error:
     raise ConfigError(f"{where}.precision: {error}") from None
   _allowed(f"{where}.optimizer", method.optimizer, adaptation.OPTIMIZERS)
-  if not (callable(method.distribution) or method.distribution in estimators.DISTRIBUTIONS):
-    _allowed(f"{where}.distribution", method.distribution, estimators.DISTRIBUTIONS)
+  distributions = estimators.DISTRIBUTIONS + ("binomial",)
+  if not (callable(method.distribution) or method.distribution in distributions):
+    _allowed(f"{where}.distribution", method.distribution, distributions)
+  _check_enhancements(where, method)
   _positive(f"{where}.num_directions", method.num_directions)
   if method.kind != "zero_shot":
     steps = adapt.steps if method.steps < 0 else method.steps
@@ -251,6 +260,22 @@ def _check_method(where: str, method, adapt) -> None:
   if method.kind == "qzo_ff" and models.Precision.parse(method.precision).weight_bits is None:
     raise ConfigError(f"{where}: qzo_ff runs on a fixed-point weight grid; set precision to "
                      "'16w8a' (or '8w8a', '<w>w<a>a').")
+
+
+def _check_enhancements(where: str, method) -> None:
+  for field in ("momentum", "kernelwise"):
+    if not isinstance(method[field], (bool, np.bool_)):
+      raise ConfigError(f"{where}.{field} must be True or False, got {method[field]!r}.")
+  radius = method.sharpness_radius
+  if (isinstance(radius, bool) or not isinstance(radius, (int, float, np.number))
+      or not 0.0 <= radius < float("inf")):
+    raise ConfigError(f"{where}.sharpness_radius must be a finite float >= 0 (0: off), got "
+                     f"{radius!r}.")
+  for field, kinds in _ENHANCED_KINDS.items():
+    if method[field] and method.kind not in kinds:
+      raise ConfigError(f"{where}.{field} = {method[field]!r} does not apply to kind "
+                       f"{method.kind!r}; it is an option of kinds {kinds} (set it to "
+                       f"{False if field != 'sharpness_radius' else 0.0} or change the kind).")
 
 
 def methods(config) -> Iterator[tuple[str, ml_collections.ConfigDict]]:

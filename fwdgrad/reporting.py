@@ -73,11 +73,13 @@ def read_metrics(path: str) -> list[dict]:
     return [json.loads(line) for line in f if line.strip()]
 
 
-def _pyplot():
-  import matplotlib  # pylint: disable=g-import-not-at-top
-  matplotlib.use("Agg", force=False)
-  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
-  return plt
+def _figure(width: float, height: float, columns: int):
+  """A figure and its axes drawn on an Agg canvas: no pyplot, so a notebook's backend is kept."""
+  from matplotlib.backends.backend_agg import FigureCanvasAgg  # pylint: disable=g-import-not-at-top
+  from matplotlib.figure import Figure  # pylint: disable=g-import-not-at-top
+  fig = Figure(figsize=(width, height))
+  FigureCanvasAgg(fig)
+  return fig, fig.subplots(1, columns, squeeze=False)[0]
 
 
 def plot_curves(rows: Sequence[Mapping[str, float]], keys: Iterable[str], path: str,
@@ -90,32 +92,29 @@ def plot_curves(rows: Sequence[Mapping[str, float]], keys: Iterable[str], path: 
   keys = [k for k in keys if any(k in row for row in rows)]
   if not keys:
     return None
-  plt = _pyplot()
-  fig, axes = plt.subplots(1, len(keys), figsize=(4.5 * len(keys), 3.4), squeeze=False)
-  for ax, key in zip(axes[0], keys):
+  fig, axes = _figure(4.5 * len(keys), 3.4, len(keys))
+  for ax, key in zip(axes, keys):
     points = [(row["step"], row[key]) for row in rows if key in row]
     ax.plot(*zip(*points), marker="." if len(points) < 30 else None)
     ax.set_xlabel("step")
     ax.set_ylabel(key)
     ax.grid(alpha=0.3)
-  return _save(plt, fig, path, title)
+  return _save(fig, path, title)
 
 
-def _save(plt, fig, path: str, title: str) -> str:
+def _save(fig, path: str, title: str) -> str:
   if title:
     fig.suptitle(title)
   fig.tight_layout()
   os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
   fig.savefig(path, dpi=110)
-  plt.close(fig)
   return path
 
 
 def plot_adaptation(curves: Mapping[str, np.ndarray], accuracies: Mapping[str, Sequence[float]],
                     path: str, title: str = "") -> str:
   """Mean adaptation loss per step for each method, and final accuracy with 95% CI; PNG."""
-  plt = _pyplot()
-  fig, (left, right) = plt.subplots(1, 2, figsize=(10, 3.8))
+  fig, (left, right) = _figure(10, 3.8, 2)
   for name, curve in curves.items():
     if curve is not None and len(curve):
       left.plot(np.arange(1, len(curve) + 1), curve, label=name)
@@ -134,7 +133,7 @@ def plot_adaptation(curves: Mapping[str, np.ndarray], accuracies: Mapping[str, S
   low = max(0.0, min(m - e for m, e in zip(means, errors)) - 5) if names else 0.0
   right.set_ylim(low, 100)
   right.grid(alpha=0.3, axis="y")
-  return _save(plt, fig, path, title)
+  return _save(fig, path, title)
 
 
 def summarize(accuracies: Sequence[float]) -> dict:

@@ -49,7 +49,7 @@ from fwdgrad.data import episodes
 
 
 def _progress(iterable=None, **kwargs):
-  from tqdm.auto import tqdm  # pylint: disable=g-import-not-at-top
+  from tqdm import tqdm  # pylint: disable=g-import-not-at-top  (text bar: no widget needed)
   return tqdm(iterable, dynamic_ncols=True, **kwargs)
 
 

@@ -6,10 +6,16 @@ import os
 import subprocess
 import sys
 
+import chex
+import jax
+import jax.numpy as jnp
 import ml_collections
 import numpy as np
+import optax
 import pytest
 
+import fwdgrad
+from fwdgrad import adaptation
 from fwdgrad import experiment
 from fwdgrad import train_lib
 
@@ -187,3 +193,100 @@ def test_train_py_runs_and_accepts_overrides(tmp_path):
   assert bad.returncode != 0
   assert "config error: config.adapt.mode = 'bitfit' is not allowed" in bad.stderr
   assert "Traceback" not in bad.stderr
+
+
+# ---------------------------------------------------------------------------------------------
+# The paper's enhancements as method fields.
+
+
+def _quadratic_problem():
+  params = {"dense": {"kernel": jax.random.normal(jax.random.key(1), (4, 3)),
+                      "bias": jnp.linspace(-0.5, 0.5, 3)}}
+  target = jax.tree_util.tree_map(lambda p: 0.5 * p + 0.1, params)
+  value_fn = lambda p: sum(jnp.sum((a - b) ** 2) for a, b in zip(
+      jax.tree_util.tree_leaves(p), jax.tree_util.tree_leaves(target)))
+  return params, value_fn
+
+
+def _one_update(tx, params, value_fn):
+  state = tx.init(params)
+  updates, state = tx.update(params, state, params, value_fn=value_fn)
+  return updates, state
+
+
+@pytest.mark.parametrize("fields", [
+    dict(momentum=True), dict(sharpness_radius=0.05), dict(kernelwise=True),
+    dict(momentum=True, sharpness_radius=0.05, kernelwise=True, distribution="binomial")])
+def test_spsa_enhancement_fields_build_the_enhanced_chain(fields):
+  params, value_fn = _quadratic_problem()
+  key = jax.random.key(3)
+  method = experiment.method("spsa", learning_rate=0.1, num_directions=2, **fields)
+  got, state = _one_update(adaptation.make_transform(method, key), params, value_fn)
+  momentum = fwdgrad.MomentumGuidedSampling() if fields.get("momentum") else None
+  estimate = fwdgrad.enhanced_forward_gradient(
+      key=key, num_directions=2, epsilon=1e-3, sign=True,
+      distribution="rademacher" if "distribution" in fields else "gaussian",
+      momentum=momentum, sharpness_radius=fields.get("sharpness_radius"))
+  normalize = [fwdgrad.kernelwise_normalize()] if fields.get("kernelwise") else []
+  expected, _ = _one_update(optax.chain(estimate, *normalize, optax.sgd(0.1)), params, value_fn)
+  chex.assert_trees_all_close(got, expected, atol=0.0, rtol=0.0)
+  _, plain_state = _one_update(adaptation.make_transform(experiment.method(
+      "spsa", learning_rate=0.1, num_directions=2), key), params, value_fn)
+  if fields.get("kernelwise"):  # Each leaf moves by exactly η ‖w^i‖.
+    norms = jax.tree_util.tree_map(lambda u, w: jnp.linalg.norm(u) / jnp.linalg.norm(w), got,
+                                   params)
+    chex.assert_trees_all_close(norms, jax.tree_util.tree_map(lambda _: 0.1, norms), rtol=1e-5)
+  # The sharpness-aware estimate is taken at the ascended point, where the loss is higher.
+  loss, plain_loss = adaptation._reported_loss(state), adaptation._reported_loss(plain_state)
+  if fields.get("sharpness_radius"):
+    assert loss > plain_loss
+  elif not fields.get("momentum"):
+    assert loss == plain_loss
+
+
+@pytest.mark.parametrize("fields", [
+    dict(momentum=True), dict(sharpness_radius=0.05), dict(kernelwise=True),
+    dict(momentum=True, sharpness_radius=0.05, kernelwise=True, distribution="binomial")])
+def test_qzo_ff_enhancement_fields_reach_the_integer_step(fields):
+  params, value_fn = _quadratic_problem()
+  key = jax.random.key(4)
+  method = experiment.method("qzo_ff", precision="16w8a", learning_rate=1e-2, **fields)
+  got, state = _one_update(adaptation.make_transform(method, key), params, value_fn)
+  expected, _ = _one_update(fwdgrad.qzo_ff(
+      1e-2, key=key, num_directions=3, epsilon=1e-3, weight_bits=16,
+      distribution=fields.get("distribution", "gaussian"),
+      momentum=fwdgrad.MomentumGuidedSampling() if fields.get("momentum") else None,
+      sharpness_radius=fields.get("sharpness_radius"), kernelwise=fields.get("kernelwise", False)),
+      params, value_fn)
+  chex.assert_trees_all_close(got, expected, atol=0.0, rtol=0.0)
+  assert (state.previous_directions != ()) == bool(fields.get("momentum"))
+
+
+@pytest.mark.parametrize("fields, message", [
+    (dict(kind="ff", momentum=True), r"\.ff\.momentum = True does not apply to kind 'ff'"),
+    (dict(kind="ff", sharpness_radius=0.1), r"\.ff\.sharpness_radius = 0\.1 does not apply"),
+    (dict(kind="backprop", kernelwise=True), r"\.ff\.kernelwise = True does not apply"),
+    (dict(kind="spsa", sharpness_radius=-0.1), r"\.ff\.sharpness_radius must be a finite float"),
+    (dict(kind="spsa", momentum="yes"), r"\.ff\.momentum must be True or False"),
+    (dict(kind="spsa", distribution="poisson"), r"\.ff\.distribution = 'poisson'"),
+])
+def test_bad_enhancement_fields_are_named(fields, message):
+  config = tiny_quickstart()
+  config.methods.ff = fields
+  with pytest.raises(ValueError, match=message):
+    experiment.validate_config(config)
+
+
+def test_tiny_run_with_every_enhancement(tmp_path):
+  config = tiny_quickstart()
+  config.task.num_tasks = 1
+  config.adapt.sparsity = 0.9
+  everything = dict(momentum=True, sharpness_radius=0.01, kernelwise=True, distribution="binomial")
+  config.methods = dict(
+      spsa=dict(kind="spsa", learning_rate=1e-3, **everything),
+      qzo=dict(kind="qzo_ff", precision="16w8a", learning_rate=1e-3, **everything))
+  results = train_lib.train_and_evaluate(config, str(tmp_path))
+  for name in ("spsa", "qzo"):
+    assert 0.0 <= results[name]["accuracy"] <= 1.0
+    row = json.loads(open(tmp_path / "tasks" / f"{name}.jsonl").readline())
+    assert len(row["losses"]) == config.adapt.steps and np.all(np.isfinite(row["losses"]))

@@ -1,0 +1,394 @@
+r"""Memory and speed of forward-gradient training steps against inference and backprop.
+
+For each model and mode (FT: every parameter trained; LP: the linear head only) it compiles, on
+the same batch: one inference call (params and batch in, loss out), a backprop SGD step, a jvp
+step, the optax SPSA step (``forward_gradient`` chained with SGD, params and state donated) and
+the fused in-place SPSA step (:func:`fwdgrad.fused.fused_spsa_step`), for each number of
+directions. It reports XLA's memory analysis of each (argument, temp, total = argument + output
++ temp - alias bytes) with its ratio to inference, and the median step time after warm-up with
+its ratio to the forward calls it makes (``2 m`` inference calls for SPSA, one for jvp/backprop).
+Optionally it times a PyTorch MeZO step on a twin of the model, and the perturbation-parallel
+step over 1, 2, 4, 8 virtual CPU devices (one subprocess each).
+
+Run from the repository root::
+
+  python benchmarks/run.py --models mlp,conv4 --out benchmarks/results
+  python benchmarks/run.py --models vit_tiny,resnet18 --batch 32 --repeats 3 --no-scaling
+
+Writes ``<out>/results.json`` and ``<out>/results.md``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import optax
+
+import fwdgrad
+from fwdgrad import fused
+from fwdgrad import profiling
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+INPUT_SHAPES = {  # per example, NHWC for images
+    "mlp": (784,),
+    "conv4": (28, 28, 1),
+    "resnet12": (84, 84, 3),
+    "resnet18": (32, 32, 3),
+    "vit_tiny": (224, 224, 3),
+    "crnn": (128, 64),
+}
+
+
+# Samplers beyond the names fwdgrad.estimators knows.
+SAMPLERS = {"packed_rademacher": fused.packed_rademacher}
+
+
+class MLP(nn.Module):
+  """The built-in model: ``784 -> 512 -> 512 -> classes`` with ReLU, head named ``"head"``."""
+  num_classes: int = 10
+  hidden: tuple = (512, 512)
+
+  @nn.compact
+  def __call__(self, x, train: bool = False):
+    del train
+    x = x.reshape((x.shape[0], -1))
+    for features in self.hidden:
+      x = nn.relu(nn.Dense(features)(x))
+    return nn.Dense(self.num_classes, name="head")(x)
+
+
+def build_model(name: str, precision: str, num_classes: int):
+  if name == "mlp":
+    return MLP(num_classes=num_classes)
+  try:
+    from fwdgrad import models  # pylint: disable=g-import-not-at-top
+  except ImportError as error:
+    raise SystemExit(f"model {name!r} needs fwdgrad.models ({error}); use --models mlp.")
+  kwargs = dict(num_classes=num_classes, precision=precision)
+  if name == "vit_tiny":
+    kwargs["image_size"] = INPUT_SHAPES["vit_tiny"][0]
+  return models.get_model(name, **kwargs)
+
+
+def setup(name, batch, precision, num_classes, mode):
+  """Model, trainable and frozen variables, a batch, and ``loss(trainable, frozen, x, y)``."""
+  model = build_model(name, precision, num_classes)
+  x = jax.random.normal(jax.random.key(1), (batch, *INPUT_SHAPES[name]), jnp.float32)
+  y = jnp.arange(batch) % num_classes
+  variables = model.init(jax.random.key(0), x[:1])
+  variables = jax.tree_util.tree_map(jnp.asarray, dict(variables))
+  params = dict(variables.pop("params"))
+  if mode == "ft":
+    trainable, frozen = params, {"variables": variables, "params": {}}
+  else:
+    head = params.pop("head")
+    trainable, frozen = head, {"variables": variables, "params": params}
+
+  def loss(trainable, frozen, x, y):
+    params = dict(frozen["params"])
+    if mode == "ft":
+      params = trainable
+    else:
+      params["head"] = trainable
+    logits = model.apply({"params": params, **frozen["variables"]}, x, train=False)
+    return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
+
+  return trainable, frozen, x, y, loss
+
+
+def steps(loss, trainable, key, *, directions, distributions, block_size, learning_rate=1e-3):
+  """``{name: (fn, args, donate_argnums, forward_calls)}`` of every step to measure."""
+  sgd = lambda w, g: jax.tree_util.tree_map(lambda a, b: (a - learning_rate * b).astype(a.dtype),
+                                            w, g)
+  out = {"inference": (loss, (), (), 1)}
+
+  def backprop(w, frozen, x, y):
+    value, grads = jax.value_and_grad(loss)(w, frozen, x, y)
+    return sgd(w, grads), value
+
+  out["backprop"] = (backprop, (), (0,), 1)
+
+  def jvp(w, key, frozen, x, y):
+    value, grads = fwdgrad.jvp_grad(lambda p: loss(p, frozen, x, y), w, key)
+    return sgd(w, grads), value
+
+  out["jvp m=1"] = (jvp, (key,), (0,), 1)
+  for distribution_name in distributions:
+    tag = "" if distribution_name == "gaussian" else f" {distribution_name}"
+    distribution = SAMPLERS.get(distribution_name, distribution_name)
+    for m in directions:
+      tx = optax.chain(fwdgrad.forward_gradient("spsa", key=key, num_directions=m,
+                                                distribution=distribution),
+                       optax.sgd(learning_rate))
+
+      def spsa(w, state, frozen, x, y, tx=tx):
+        updates, state = tx.update(w, state, w, value_fn=lambda p: loss(p, frozen, x, y))
+        return optax.apply_updates(w, updates), state, state[0].loss
+
+      out[f"spsa m={m}{tag}"] = (spsa, (tx.init(trainable),), (0, 1), 2 * m)
+
+      for size in block_size:
+        def fused_step(w, key, frozen, x, y, m=m, size=size, distribution=distribution):
+          return fused.fused_spsa_step(lambda p: loss(p, frozen, x, y), w, key,
+                                       learning_rate=learning_rate, num_directions=m,
+                                       distribution=distribution, block_size=size)
+
+        block = "" if size is None else f" block={size}"
+        out[f"fused m={m}{tag}{block}"] = (fused_step, (key,), (0,), 2 * m)
+  return out
+
+
+# XLA's CPU backend hands some fusions (convolutions, dots and their neighbours) to YNNPACK, which
+# allocates its own scratch: memory_analysis() then misses the activations. Memory is therefore
+# measured in a child process with those fusions off; time is measured with the default flags.
+MEMORY_XLA_FLAGS = "--xla_cpu_experimental_ynn_fusion_type="
+
+
+def _step_args(step_name, trainable, extra, frozen, x, y):
+  if step_name == "inference":
+    return (trainable, frozen, x, y)
+  return (trainable, *extra, frozen, x, y)
+
+
+def measure_memory(name, mode, args):
+  """``{step: StepMemory._asdict()}`` for every step, measured in this process."""
+  trainable, frozen, x, y, loss = setup(name, args.batch, args.precision, args.num_classes, mode)
+  table = steps(loss, trainable, jax.random.key(2), directions=args.directions,
+                distributions=args.distributions, block_size=args.block_size)
+  return {step_name: profiling.step_memory(
+              fn, *_step_args(step_name, trainable, extra, frozen, x, y),
+              donate_argnums=donate)._asdict()
+          for step_name, (fn, extra, donate, _) in table.items()}
+
+
+def memory_in_child(name, mode, args):
+  flags = (os.environ.get("XLA_FLAGS", "") + " " + MEMORY_XLA_FLAGS).strip()
+  command = [sys.executable, os.path.abspath(__file__), "--memory-worker", "--models", name,
+             "--modes", mode] + _shared_flags(args)
+  done = subprocess.run(command, env=dict(os.environ, XLA_FLAGS=flags), capture_output=True,
+                        text=True, check=False)
+  lines = [l for l in done.stdout.splitlines() if l.startswith("RESULT ")]
+  if done.returncode or not lines:
+    print(f"memory child failed, measuring in this process instead:\n{done.stderr[-2000:]}")
+    return measure_memory(name, mode, args), "default XLA flags"
+  return json.loads(lines[-1][len("RESULT "):]), MEMORY_XLA_FLAGS
+
+
+def measure(name, mode, args):
+  memories, flags = memory_in_child(name, mode, args)
+  trainable, frozen, x, y, loss = setup(name, args.batch, args.precision, args.num_classes, mode)
+  key = jax.random.key(2)
+  table = steps(loss, trainable, key, directions=args.directions,
+                distributions=args.distributions, block_size=args.block_size)
+  rows, inference = [], None
+  num_trainable = sum(leaf.size for leaf in jax.tree_util.tree_leaves(trainable))
+  for step_name, (fn, extra, donate, calls) in table.items():
+    call_args = _step_args(step_name, trainable, extra, frozen, x, y)
+    memory = profiling.StepMemory(**memories[step_name])
+    jitted = jax.jit(fn, donate_argnums=donate)
+    fresh = jax.tree_util.tree_map(jnp.copy, call_args)
+    carry = None
+    if donate:
+      carry = lambda out, a, n=len(donate): tuple(out[:n]) + tuple(a[n:])
+    start = time.perf_counter()
+    seconds = profiling.time_step(jitted, *fresh, warmup=args.warmup, repeats=args.repeats,
+                                  carry=carry)
+    wall = time.perf_counter() - start
+    if step_name == "inference":
+      inference = (memory, seconds)
+    row = dict(model=name, mode=mode, step=step_name, forward_calls=calls,
+               argument_bytes=memory.argument, output_bytes=memory.output,
+               temp_bytes=memory.temp, alias_bytes=memory.alias, total_bytes=memory.total,
+               memory_ratio=memory.total / inference[0].total, memory_xla_flags=flags,
+               seconds=seconds, time_ratio=seconds / (calls * inference[1]),
+               trainable_parameters=int(num_trainable))
+    rows.append(row)
+    print(f"{name:9s} {mode} {step_name:28s} mem x{row['memory_ratio']:.3f} "
+          f"temp {memory.temp / 2**20:8.2f} MiB  {seconds * 1e3:9.2f} ms  "
+          f"x{row['time_ratio']:.2f} of {calls} fwd  ({wall:.0f}s)", flush=True)
+  return rows
+
+
+def _shared_flags(args):
+  blocks = ",".join("none" if b is None else str(b) for b in args.block_size)
+  return ["--batch", str(args.batch), "--precision", args.precision,
+          "--num-classes", str(args.num_classes),
+          "--directions", ",".join(map(str, args.directions)),
+          "--distributions", ",".join(args.distributions), "--block-size", blocks,
+          "--warmup", str(args.warmup), "--repeats", str(args.repeats)]
+
+
+def torch_rows(name, mode, args, ours):
+  """Times the PyTorch MeZO twin in its own process (so XLA's threads do not compete)."""
+  try:
+    import torch  # pylint: disable=g-import-not-at-top,unused-import
+  except ImportError as error:
+    print(f"skipping the PyTorch comparison: {error}")
+    return []
+  if name not in ("mlp", "conv4"):
+    print(f"skipping the PyTorch comparison: no PyTorch twin of {name!r}")
+    return []
+  spec = dict(name=name, input_shape=[args.batch, *INPUT_SHAPES[name]],
+              num_classes=args.num_classes, mode=mode, directions=args.directions,
+              warmup=args.warmup, repeats=args.repeats)
+  done = subprocess.run([sys.executable, os.path.join(HERE, "torch_mezo.py"), json.dumps(spec)],
+                        capture_output=True, text=True, check=False)
+  lines = [l for l in done.stdout.splitlines() if l.startswith("RESULT ")]
+  if done.returncode or not lines:
+    print(f"PyTorch comparison failed:\n{done.stderr[-2000:]}")
+    return []
+  timings = json.loads(lines[-1][len("RESULT "):])
+  inference = timings["inference"]
+  rows = []
+  for m in args.directions:
+    seconds = timings[str(m)]
+    spsa = next(r for r in ours if r["step"] == f"spsa m={m}")
+    fused_rows = [r for r in ours if r["step"].startswith(f"fused m={m}")
+                  and "rademacher" not in r["step"]]
+    row = dict(model=name, mode=mode, step=f"torch mezo m={m}", forward_calls=2 * m,
+               seconds=seconds, time_ratio=seconds / (2 * m * inference),
+               torch_inference_seconds=inference,
+               ours_spsa_over_torch=spsa["seconds"] / seconds,
+               ours_fused_over_torch=min(r["seconds"] for r in fused_rows) / seconds)
+    rows.append(row)
+    print(f"{name:9s} {mode} torch mezo m={m}: {seconds * 1e3:.2f} ms (torch inference "
+          f"{inference * 1e3:.2f} ms); ours spsa/torch {row['ours_spsa_over_torch']:.2f}, "
+          f"fused/torch {row['ours_fused_over_torch']:.2f}", flush=True)
+  return rows
+
+
+def scaling_worker(args):
+  """Runs in a subprocess whose XLA_FLAGS fixed the number of CPU devices."""
+  from fwdgrad import parallel  # pylint: disable=g-import-not-at-top
+  name, mode = args.models[0], args.modes[0]
+  trainable, frozen, x, y, loss = setup(name, args.batch, args.precision, args.num_classes, mode)
+  mesh = parallel.make_mesh(num_data=1)
+  results = []
+  for m in args.directions:
+    step = parallel.make_parallel_train_step(
+        lambda w, frozen, x, y: loss(w, frozen, x, y), mesh, learning_rate=1e-3,
+        num_directions=m, data_axis=None)
+    fresh = jax.tree_util.tree_map(jnp.copy, trainable)
+    seconds = profiling.time_step(step, fresh, jax.random.key(2), frozen, x, y,
+                                  warmup=args.warmup, repeats=args.repeats,
+                                  carry=lambda out, a: (out[0],) + tuple(a[1:]))
+    results.append(dict(model=name, mode=mode, devices=jax.device_count(), num_directions=m,
+                        seconds=seconds))
+  print("RESULT " + json.dumps(results))
+
+
+def scaling_rows(name, mode, args):
+  rows = []
+  for devices in args.scaling:
+    env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}")
+    command = [sys.executable, os.path.abspath(__file__), "--scaling-worker", "--models", name,
+               "--modes", mode] + _shared_flags(args)
+    done = subprocess.run(command, env=env, capture_output=True, text=True, check=False)
+    lines = [l for l in done.stdout.splitlines() if l.startswith("RESULT ")]
+    if done.returncode or not lines:
+      print(f"scaling with {devices} devices failed:\n{done.stderr[-2000:]}")
+      continue
+    for result in json.loads(lines[-1][len("RESULT "):]):
+      rows.append(result)
+      print(f"{name:9s} {mode} parallel spsa m={result['num_directions']} on {devices} devices: "
+            f"{result['seconds'] * 1e3:.2f} ms", flush=True)
+  return rows
+
+
+def markdown(results):
+  lines = [f"# fwdgrad step benchmark\n", f"{results['environment']}\n",
+           "Memory: argument + output + temp - alias bytes of the compiled step, over the same "
+           f"figure for one inference call (compiled with XLA_FLAGS={MEMORY_XLA_FLAGS}, so that "
+           "XLA accounts for every activation). Time: median seconds after warm-up, over the time of "
+           "the forward calls the step makes (2m inference calls for SPSA, 1 for jvp/backprop).\n",
+           "| model | mode | step | temp MiB | argument MiB | memory / inference | ms | "
+           "time / (calls x inference) |",
+           "|---|---|---|---:|---:|---:|---:|---:|"]
+  for r in results["steps"]:
+    lines.append(f"| {r['model']} | {r['mode']} | {r['step']} | {r['temp_bytes'] / 2**20:.2f} | "
+                 f"{r['argument_bytes'] / 2**20:.2f} | {r['memory_ratio']:.3f} | "
+                 f"{r['seconds'] * 1e3:.2f} | {r['time_ratio']:.2f} |")
+  if results["torch"]:
+    lines += ["", "## PyTorch MeZO step on a twin model (same batch, CPU)", "",
+              "| model | mode | step | ms | time / (2m torch inference) | ours spsa / torch | "
+              "ours fused / torch |", "|---|---|---|---:|---:|---:|---:|"]
+    for r in results["torch"]:
+      lines.append(f"| {r['model']} | {r['mode']} | {r['step']} | {r['seconds'] * 1e3:.2f} | "
+                   f"{r['time_ratio']:.2f} | {r['ours_spsa_over_torch']:.2f} | "
+                   f"{r['ours_fused_over_torch']:.2f} |")
+  if results["scaling"]:
+    lines += ["", "## Perturbation-parallel step over virtual CPU devices", "",
+              "| model | mode | m | devices | ms |", "|---|---|---:|---:|---:|"]
+    for r in results["scaling"]:
+      lines.append(f"| {r['model']} | {r['mode']} | {r['num_directions']} | {r['devices']} | "
+                   f"{r['seconds'] * 1e3:.2f} |")
+  return "\n".join(lines) + "\n"
+
+
+def parse_args(argv=None):
+  ints = lambda s: [int(v) for v in s.split(",") if v]
+  names = lambda s: [v for v in s.split(",") if v]
+  blocks = lambda s: [None if v == "none" else int(v) for v in s.split(",") if v]
+  parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+  parser.add_argument("--models", type=names, default=["mlp", "conv4"])
+  parser.add_argument("--modes", type=names, default=["ft", "lp"])
+  parser.add_argument("--batch", type=int, default=32)
+  parser.add_argument("--precision", default="float")
+  parser.add_argument("--num-classes", type=int, default=10)
+  parser.add_argument("--directions", type=ints, default=[1, 3])
+  parser.add_argument("--distributions", type=names, default=["gaussian", "packed_rademacher"],
+                      help="gaussian, rademacher, packed_rademacher")
+  parser.add_argument("--block-size", type=blocks, default=[None, 16384],
+                      help="fused step block sizes, 'none' for whole leaves")
+  parser.add_argument("--warmup", type=int, default=2)
+  parser.add_argument("--repeats", type=int, default=10)
+  parser.add_argument("--scaling", type=ints, default=[1, 2, 4, 8],
+                      help="device counts for the perturbation-parallel step")
+  parser.add_argument("--no-scaling", dest="scaling", action="store_const", const=[])
+  parser.add_argument("--no-torch", action="store_true")
+  parser.add_argument("--out", default=os.path.join(HERE, "results"))
+  parser.add_argument("--scaling-worker", action="store_true", help=argparse.SUPPRESS)
+  parser.add_argument("--memory-worker", action="store_true", help=argparse.SUPPRESS)
+  return parser.parse_args(argv)
+
+
+def main(argv=None):
+  args = parse_args(argv)
+  if args.scaling_worker:
+    return scaling_worker(args)
+  if args.memory_worker:
+    print("RESULT " + json.dumps(measure_memory(args.models[0], args.modes[0], args)))
+    return None
+  results = dict(
+      environment=(f"jax {jax.__version__}, {jax.devices()[0].platform} x{jax.device_count()}, "
+                   f"{os.cpu_count()} CPU cores, {platform.processor() or platform.machine()}, "
+                   f"batch {args.batch}, precision {args.precision}, warmup {args.warmup}, "
+                   f"repeats {args.repeats}"),
+      steps=[], torch=[], scaling=[])
+  for name in args.models:
+    for mode in args.modes:
+      rows = measure(name, mode, args)
+      results["steps"] += rows
+      if not args.no_torch:
+        results["torch"] += torch_rows(name, mode, args, rows)
+    if args.scaling:
+      results["scaling"] += scaling_rows(name, "ft", args)
+  os.makedirs(args.out, exist_ok=True)
+  with open(os.path.join(args.out, "results.json"), "w") as f:
+    json.dump(results, f, indent=1)
+  with open(os.path.join(args.out, "results.md"), "w") as f:
+    f.write(markdown(results))
+  print(f"wrote {args.out}/results.json and results.md")
+
+
+if __name__ == "__main__":
+  main()
