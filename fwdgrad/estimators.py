@@ -59,16 +59,23 @@ def _check_num_directions(num_directions) -> int:
   return num_directions
 
 
-def _check_params(params: PyTree) -> None:
-  leaves, _ = jax.tree_util.tree_flatten_with_path(params)
+def check_float_leaves(tree: PyTree, name: str = "params", *,
+                       empty: str = "there is nothing to perturb",
+                       why: str = "forward gradients perturb floating-point leaves only",
+                       fn: str = "value_fn") -> None:
+  """Raises a ValueError naming the first non-float leaf of ``tree``, or an empty ``tree``."""
+  leaves, _ = jax.tree_util.tree_flatten_with_path(tree)
   if not leaves:
-    raise ValueError("params has no array leaves: there is nothing to perturb.")
+    raise ValueError(f"{name} has no array leaves: {empty}.")
   for path, leaf in leaves:
     if not jnp.issubdtype(jnp.result_type(leaf), jnp.inexact):
       raise ValueError(
-          f"parameter {jax.tree_util.keystr(path)} has dtype {jnp.result_type(leaf)}; forward "
-          "gradients perturb floating-point leaves only. Close over integer state in value_fn "
-          "instead of passing it in params.")
+          f"{name}{jax.tree_util.keystr(path)} has dtype {jnp.result_type(leaf)}; {why}. Close "
+          f"over integer state in {fn} instead of passing it in {name}.")
+
+
+def _check_params(params: PyTree) -> None:
+  check_float_leaves(params)
 
 
 def sample_direction(key: jax.Array, params: PyTree, distribution: Union[str, Sampler] = "gaussian"):

@@ -100,15 +100,9 @@ def _check_same_structure(reference: PyTree, other: PyTree, name: str, reference
 
 
 def _check_float(params: PyTree, name: str) -> None:
-  leaves = jax.tree_util.tree_flatten_with_path(params)[0]
-  if not leaves:
-    raise ValueError(f"{name} has no array leaves: there is no plane to draw.")
-  for path, leaf in leaves:
-    if not jnp.issubdtype(jnp.result_type(leaf), jnp.inexact):
-      raise ValueError(
-          f"{name}{jax.tree_util.keystr(path)} has dtype {jnp.result_type(leaf)}; only "
-          "floating-point leaves can be moved along a direction. Close over integer state in "
-          "loss_fn instead of passing it in the parameters.")
+  estimators.check_float_leaves(
+      params, name, empty="there is no plane to draw",
+      why="only floating-point leaves can be moved along a direction", fn="loss_fn")
 
 
 def _resolve_filter_axes(filter_axes: FilterAxes, path, leaf) -> Tuple[int, ...]:
