@@ -1,19 +1,21 @@
 r"""Memory and speed of forward-gradient training steps against inference and backprop.
 
 For each model and mode (FT: every parameter trained; LP: the linear head only) it compiles, on
-the same batch: one inference call (params and batch in, loss out), a backprop SGD step, a jvp
-step, the optax SPSA step (``forward_gradient`` chained with SGD, params and state donated) and
-the fused in-place SPSA step (:func:`fwdgrad.fused.fused_spsa_step`), for each number of
-directions. It reports XLA's memory analysis of each (argument, temp, total = argument + output
-+ temp - alias bytes) with its ratio to inference, and the median step time after warm-up with
-its ratio to the forward calls it makes (``2 m`` inference calls for SPSA, one for jvp/backprop).
-Optionally it times a PyTorch MeZO step on a twin of the model, and the perturbation-parallel
-step over 1, 2, 4, 8 virtual CPU devices (one subprocess each).
+the same batch: one inference call (params and batch in, loss out) in float and in 16w8a, a
+backprop SGD step, and for each direction law and number of directions m: the optax jvp and SPSA
+steps (``forward_gradient`` chained with SGD, params and state donated), the fused in-place SPSA
+step (:func:`fwdgrad.fused_spsa_step`) and the QZO-FF 16w8a step (``qzo_ff``). It reports XLA's
+memory analysis of each (argument, temp, total = argument + output + temp - alias bytes) with its
+ratio to inference, and the median step time after warm-up with its ratio to the forward calls it
+makes (2m for SPSA, fused and QZO-FF, m for jvp, one for backprop). Optionally it times a PyTorch
+MeZO step on a twin of the model (MLP, Conv4), and the perturbation-parallel step over 1, 2, 4, 8
+virtual CPU devices (one subprocess each).
 
 Run from the repository root::
 
-  python benchmarks/run.py --models mlp,conv4 --out benchmarks/results
-  python benchmarks/run.py --models vit_tiny,resnet18 --batch 32 --repeats 3 --no-scaling
+  python benchmarks/run.py --models mlp --distributions fast_gaussian,irwin_hall,gaussian
+  python benchmarks/run.py --models conv4,crnn,speech_embedding,resnet12,resnet18,vit_tiny \
+      --repeats 2 --warmup 1 --no-scaling --out benchmarks/results/models
 
 Writes ``<out>/results.json`` and ``<out>/results.md``.
 """
@@ -40,12 +42,15 @@ from fwdgrad import profiling
 HERE = os.path.dirname(os.path.abspath(__file__))
 INPUT_SHAPES = {  # per example, NHWC for images
     "mlp": (784,),
-    "conv4": (28, 28, 1),
+    "conv4": (84, 84, 3),          # miniImageNet's size
     "resnet12": (84, 84, 3),
-    "resnet18": (32, 32, 3),
+    "resnet18": (96, 96, 3),       # (224 in ImageNet; 96 keeps a CPU run in minutes)
     "vit_tiny": (224, 224, 3),
     "crnn": (128, 64),
+    "speech_embedding": (76, 32, 1),
 }
+# Precision of the QZO-FF rows: the paper's 16-bit weights and 8-bit activations.
+QZO_PRECISION = "16w8a"
 
 
 # Samplers beyond the names fwdgrad.estimators knows.
@@ -56,23 +61,22 @@ class MLP(nn.Module):
   """The built-in model: ``784 -> 512 -> 512 -> classes`` with ReLU, head named ``"head"``."""
   num_classes: int = 10
   hidden: tuple = (512, 512)
+  precision: str = "float"
 
   @nn.compact
   def __call__(self, x, train: bool = False):
+    from fwdgrad import models  # pylint: disable=g-import-not-at-top
     del train
     x = x.reshape((x.shape[0], -1))
     for features in self.hidden:
-      x = nn.relu(nn.Dense(features)(x))
-    return nn.Dense(self.num_classes, name="head")(x)
+      x = nn.relu(models.QDense(features, self.precision)(x))
+    return models.QDense(self.num_classes, self.precision, name="head")(x)
 
 
 def build_model(name: str, precision: str, num_classes: int):
   if name == "mlp":
-    return MLP(num_classes=num_classes)
-  try:
-    from fwdgrad import models  # pylint: disable=g-import-not-at-top
-  except ImportError as error:
-    raise SystemExit(f"model {name!r} needs fwdgrad.models ({error}); use --models mlp.")
+    return MLP(num_classes=num_classes, precision=precision)
+  from fwdgrad import models  # pylint: disable=g-import-not-at-top
   kwargs = dict(num_classes=num_classes, precision=precision)
   if name == "vit_tiny":
     kwargs["image_size"] = INPUT_SHAPES["vit_tiny"][0]
@@ -80,8 +84,10 @@ def build_model(name: str, precision: str, num_classes: int):
 
 
 def setup(name, batch, precision, num_classes, mode):
-  """Model, trainable and frozen variables, a batch, and ``loss(trainable, frozen, x, y)``."""
+  """Model, trainable and frozen variables, a batch, ``loss(trainable, frozen, x, y)`` at
+  ``precision`` and the same loss at :data:`QZO_PRECISION` (same parameters)."""
   model = build_model(name, precision, num_classes)
+  quantized = build_model(name, QZO_PRECISION, num_classes)
   x = jax.random.normal(jax.random.key(1), (batch, *INPUT_SHAPES[name]), jnp.float32)
   y = jnp.arange(batch) % num_classes
   variables = model.init(jax.random.key(0), x[:1])
@@ -93,48 +99,55 @@ def setup(name, batch, precision, num_classes, mode):
     head = params.pop("head")
     trainable, frozen = head, {"variables": variables, "params": params}
 
-  def loss(trainable, frozen, x, y):
-    params = dict(frozen["params"])
-    if mode == "ft":
-      params = trainable
-    else:
-      params["head"] = trainable
-    logits = model.apply({"params": params, **frozen["variables"]}, x, train=False)
-    return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
+  def make_loss(model):
+    def loss(trainable, frozen, x, y):
+      params = dict(frozen["params"])
+      if mode == "ft":
+        params = trainable
+      else:
+        params["head"] = trainable
+      logits = model.apply({"params": params, **frozen["variables"]}, x, train=False)
+      return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
+    return loss
 
-  return trainable, frozen, x, y, loss
+  return trainable, frozen, x, y, make_loss(model), make_loss(quantized)
 
 
-def steps(loss, trainable, key, *, directions, distributions, block_size, learning_rate=1e-3):
-  """``{name: (fn, args, donate_argnums, forward_calls)}`` of every step to measure."""
+def steps(loss, qzo_loss, trainable, key, *, directions, distributions, block_size,
+          learning_rate=1e-3):
+  """``{name: (fn, args, donate_argnums, forward_calls, reference)}`` of every step to measure.
+
+  ``reference`` names the inference row a step is compared with: ``"inference"`` (float) or
+  ``"inference 16w8a"`` for the QZO-FF steps, whose forward calls run the 16w8a model.
+  """
   sgd = lambda w, g: jax.tree_util.tree_map(lambda a, b: (a - learning_rate * b).astype(a.dtype),
                                             w, g)
-  out = {"inference": (loss, (), (), 1)}
+  out = {"inference": (loss, (), (), 1, "inference"),
+         f"inference {QZO_PRECISION}": (qzo_loss, (), (), 1, f"inference {QZO_PRECISION}")}
 
   def backprop(w, frozen, x, y):
     value, grads = jax.value_and_grad(loss)(w, frozen, x, y)
     return sgd(w, grads), value
 
-  out["backprop"] = (backprop, (), (0,), 1)
+  out["backprop"] = (backprop, (), (0,), 1, "inference")
 
-  def jvp(w, key, frozen, x, y):
-    value, grads = fwdgrad.jvp_grad(lambda p: loss(p, frozen, x, y), w, key)
-    return sgd(w, grads), value
+  def optax_step(tx, loss):
+    def step(w, state, frozen, x, y):
+      updates, state = tx.update(w, state, w, value_fn=lambda p: loss(p, frozen, x, y))
+      return optax.apply_updates(w, updates), state
+    return step
 
-  out["jvp m=1"] = (jvp, (key,), (0,), 1)
   for distribution_name in distributions:
-    tag = "" if distribution_name == "gaussian" else f" {distribution_name}"
+    tag = f" {distribution_name}"
     distribution = SAMPLERS.get(distribution_name, distribution_name)
     for m in directions:
-      tx = optax.chain(fwdgrad.forward_gradient("spsa", key=key, num_directions=m,
-                                                distribution=distribution),
-                       optax.sgd(learning_rate))
-
-      def spsa(w, state, frozen, x, y, tx=tx):
-        updates, state = tx.update(w, state, w, value_fn=lambda p: loss(p, frozen, x, y))
-        return optax.apply_updates(w, updates), state, state[0].loss
-
-      out[f"spsa m={m}{tag}"] = (spsa, (tx.init(trainable),), (0, 1), 2 * m)
+      for estimator in ("jvp", "spsa"):
+        tx = optax.chain(fwdgrad.forward_gradient(estimator, key=key, num_directions=m,
+                                                  distribution=distribution),
+                         optax.sgd(learning_rate))
+        calls = m if estimator == "jvp" else 2 * m
+        out[f"{estimator} m={m}{tag}"] = (optax_step(tx, loss), (tx.init(trainable),), (0, 1),
+                                         calls, "inference")
 
       for size in block_size:
         def fused_step(w, key, frozen, x, y, m=m, size=size, distribution=distribution):
@@ -143,7 +156,13 @@ def steps(loss, trainable, key, *, directions, distributions, block_size, learni
                                        distribution=distribution, block_size=size)
 
         block = "" if size is None else f" block={size}"
-        out[f"fused m={m}{tag}{block}"] = (fused_step, (key,), (0,), 2 * m)
+        out[f"fused m={m}{tag}{block}"] = (fused_step, (key,), (0,), 2 * m, "inference")
+
+      if isinstance(distribution, str):
+        tx = fwdgrad.qzo_ff(learning_rate, key=key, num_directions=m, distribution=distribution)
+        out[f"qzo_ff {QZO_PRECISION} m={m}{tag}"] = (
+            optax_step(tx, qzo_loss), (tx.init(trainable),), (0, 1), 2 * m,
+            f"inference {QZO_PRECISION}")
   return out
 
 
@@ -154,20 +173,21 @@ MEMORY_XLA_FLAGS = "--xla_cpu_experimental_ynn_fusion_type="
 
 
 def _step_args(step_name, trainable, extra, frozen, x, y):
-  if step_name == "inference":
+  if step_name.startswith("inference"):
     return (trainable, frozen, x, y)
   return (trainable, *extra, frozen, x, y)
 
 
 def measure_memory(name, mode, args):
   """``{step: StepMemory._asdict()}`` for every step, measured in this process."""
-  trainable, frozen, x, y, loss = setup(name, args.batch, args.precision, args.num_classes, mode)
-  table = steps(loss, trainable, jax.random.key(2), directions=args.directions,
+  trainable, frozen, x, y, loss, qzo_loss = setup(name, args.batch, args.precision,
+                                                  args.num_classes, mode)
+  table = steps(loss, qzo_loss, trainable, jax.random.key(2), directions=args.directions,
                 distributions=args.distributions, block_size=args.block_size)
   return {step_name: profiling.step_memory(
               fn, *_step_args(step_name, trainable, extra, frozen, x, y),
               donate_argnums=donate)._asdict()
-          for step_name, (fn, extra, donate, _) in table.items()}
+          for step_name, (fn, extra, donate, _, _) in table.items()}
 
 
 def memory_in_child(name, mode, args):
@@ -185,13 +205,14 @@ def memory_in_child(name, mode, args):
 
 def measure(name, mode, args):
   memories, flags = memory_in_child(name, mode, args)
-  trainable, frozen, x, y, loss = setup(name, args.batch, args.precision, args.num_classes, mode)
+  trainable, frozen, x, y, loss, qzo_loss = setup(name, args.batch, args.precision,
+                                                  args.num_classes, mode)
   key = jax.random.key(2)
-  table = steps(loss, trainable, key, directions=args.directions,
+  table = steps(loss, qzo_loss, trainable, key, directions=args.directions,
                 distributions=args.distributions, block_size=args.block_size)
-  rows, inference = [], None
+  rows, inference = [], {}
   num_trainable = sum(leaf.size for leaf in jax.tree_util.tree_leaves(trainable))
-  for step_name, (fn, extra, donate, calls) in table.items():
+  for step_name, (fn, extra, donate, calls, reference) in table.items():
     call_args = _step_args(step_name, trainable, extra, frozen, x, y)
     memory = profiling.StepMemory(**memories[step_name])
     jitted = jax.jit(fn, donate_argnums=donate)
@@ -203,16 +224,17 @@ def measure(name, mode, args):
     seconds = profiling.time_step(jitted, *fresh, warmup=args.warmup, repeats=args.repeats,
                                   carry=carry)
     wall = time.perf_counter() - start
-    if step_name == "inference":
-      inference = (memory, seconds)
-    row = dict(model=name, mode=mode, step=step_name, forward_calls=calls,
+    if step_name == reference:
+      inference[reference] = (memory, seconds)
+    base_memory, base_seconds = inference[reference]
+    row = dict(model=name, mode=mode, step=step_name, forward_calls=calls, reference=reference,
                argument_bytes=memory.argument, output_bytes=memory.output,
                temp_bytes=memory.temp, alias_bytes=memory.alias, total_bytes=memory.total,
-               memory_ratio=memory.total / inference[0].total, memory_xla_flags=flags,
-               seconds=seconds, time_ratio=seconds / (calls * inference[1]),
+               memory_ratio=memory.total / base_memory.total, memory_xla_flags=flags,
+               seconds=seconds, time_ratio=seconds / (calls * base_seconds),
                trainable_parameters=int(num_trainable))
     rows.append(row)
-    print(f"{name:9s} {mode} {step_name:28s} mem x{row['memory_ratio']:.3f} "
+    print(f"{name:9s} {mode} {step_name:34s} mem x{row['memory_ratio']:.3f} "
           f"temp {memory.temp / 2**20:8.2f} MiB  {seconds * 1e3:9.2f} ms  "
           f"x{row['time_ratio']:.2f} of {calls} fwd  ({wall:.0f}s)", flush=True)
   return rows
@@ -251,9 +273,11 @@ def torch_rows(name, mode, args, ours):
   rows = []
   for m in args.directions:
     seconds = timings[str(m)]
-    spsa = next(r for r in ours if r["step"] == f"spsa m={m}")
-    fused_rows = [r for r in ours if r["step"].startswith(f"fused m={m}")
-                  and "rademacher" not in r["step"]]
+    # Against our rows with the first distribution asked for (the default, fast_gaussian, draws
+    # N(0, 1) as torch.randn does).
+    tag = args.distributions[0]
+    spsa = next(r for r in ours if r["step"] == f"spsa m={m} {tag}")
+    fused_rows = [r for r in ours if r["step"].startswith(f"fused m={m} {tag}")]
     row = dict(model=name, mode=mode, step=f"torch mezo m={m}", forward_calls=2 * m,
                seconds=seconds, time_ratio=seconds / (2 * m * inference),
                torch_inference_seconds=inference,
@@ -270,7 +294,8 @@ def scaling_worker(args):
   """Runs in a subprocess whose XLA_FLAGS fixed the number of CPU devices."""
   from fwdgrad import parallel  # pylint: disable=g-import-not-at-top
   name, mode = args.models[0], args.modes[0]
-  trainable, frozen, x, y, loss = setup(name, args.batch, args.precision, args.num_classes, mode)
+  trainable, frozen, x, y, loss, _ = setup(name, args.batch, args.precision, args.num_classes,
+                                           mode)
   mesh = parallel.make_mesh(num_data=1)
   results = []
   for m in args.directions:
@@ -309,7 +334,9 @@ def markdown(results):
            "Memory: argument + output + temp - alias bytes of the compiled step, over the same "
            f"figure for one inference call (compiled with XLA_FLAGS={MEMORY_XLA_FLAGS}, so that "
            "XLA accounts for every activation). Time: median seconds after warm-up, over the time of "
-           "the forward calls the step makes (2m inference calls for SPSA, 1 for jvp/backprop).\n",
+           "the forward calls the step makes (2m inference calls for SPSA, the fused step and "
+           "QZO-FF, m for jvp, 1 for backprop). QZO-FF rows are measured against the inference "
+           "of the same model at 16w8a. Step names end with the direction law.\n",
            "| model | mode | step | temp MiB | argument MiB | memory / inference | ms | "
            "time / (calls x inference) |",
            "|---|---|---|---:|---:|---:|---:|---:|"]
@@ -345,9 +372,9 @@ def parse_args(argv=None):
   parser.add_argument("--precision", default="float")
   parser.add_argument("--num-classes", type=int, default=10)
   parser.add_argument("--directions", type=ints, default=[1, 3])
-  parser.add_argument("--distributions", type=names, default=["gaussian", "packed_rademacher"],
-                      help="gaussian, rademacher, packed_rademacher")
-  parser.add_argument("--block-size", type=blocks, default=[None, 16384],
+  parser.add_argument("--distributions", type=names, default=["irwin_hall", "fast_gaussian"],
+                      help="names of fwdgrad.estimators.DISTRIBUTIONS, or packed_rademacher")
+  parser.add_argument("--block-size", type=blocks, default=[None],
                       help="fused step block sizes, 'none' for whole leaves")
   parser.add_argument("--warmup", type=int, default=2)
   parser.add_argument("--repeats", type=int, default=10)

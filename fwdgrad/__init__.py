@@ -12,6 +12,9 @@ Estimators, shaped like ``jax.value_and_grad``
   ``jvp_grad``               forward gradient (∇f·z) z with ``jax.jvp``.
   ``spsa_grad``              central-difference SPSA; ``sign=True`` is the paper's sign-m-SPSA.
   ``sample_direction``       the direction pytree a key stands for.
+  ``DISTRIBUTIONS``          direction laws: "irwin_hall" (default), "fast_gaussian",
+                             "fast_rademacher" (counter-based: XLA draws them inside their
+                             consumers, never stored) and jax.random's "gaussian", "rademacher".
 
 Optax transforms (pass ``value_fn=loss_fn`` to ``update``)
   ``forward_gradient``       the estimate as a GradientTransformationExtraArgs; chain any optimizer.
@@ -23,7 +26,7 @@ Optax transforms (pass ``value_fn=loss_fn`` to ``update``)
 Training at inference memory, and on many devices
   ``fused_spsa_step`` / ``make_fused_train_step``   MeZO-style step: perturb and update the params in
                              place, directions regenerated from the key, no gradient pytree.
-  ``packed_rademacher``, ``blockwise_sampler``   cheap / bounded-memory perturbation samplers.
+  ``packed_rademacher``, ``blockwise_sampler``   32 signs per threefry word / threefry in blocks.
   ``make_mesh``, ``make_parallel_train_step``, ``sharded_spsa_grad``   directions (and data) spread
                              over devices; only scalar losses cross devices.
   ``step_memory``, ``time_step``   XLA's memory accounting of a jitted step; median step time.
@@ -59,6 +62,7 @@ from fwdgrad.enhancements import enhanced_forward_gradient
 from fwdgrad.enhancements import kernelwise_normalize
 from fwdgrad.enhancements import masked_update
 from fwdgrad.enhancements import sparse_update_mask
+from fwdgrad.estimators import DISTRIBUTIONS
 from fwdgrad.estimators import jvp_grad
 from fwdgrad.estimators import sample_direction
 from fwdgrad.estimators import spsa_grad
@@ -98,6 +102,7 @@ from fwdgrad.transform import forward_gradient
 __version__ = "0.1.0"
 
 __all__ = (
+    "DISTRIBUTIONS",
     "ForwardGradientState",
     "LinearHead",
     "MomentumGuidedSampling",

@@ -110,7 +110,7 @@ def check_momentum(config: MomentumGuidedSampling) -> MomentumGuidedSampling:
 
 def momentum_guided_directions(step_key: jax.Array, previous: PyTree, count, params: PyTree, *,
                                num_directions: int, config: MomentumGuidedSampling,
-                               distribution: Union[str, estimators.Sampler] = "gaussian"):
+                               distribution: Union[str, estimators.Sampler] = estimators.DEFAULT_DISTRIBUTION):
   """The ``m`` directions of one step, each guided by the same-index direction of the last step.
 
   Fresh noise ``ξ1_i`` uses ``fold_in(step_key, i)`` (so during warm-up the directions are exactly
@@ -160,7 +160,7 @@ def safe_ratio(numerator, denominator):
 
 def sharpness_aware_point(value_fn: Callable[[PyTree], jax.Array], params: PyTree,
                           key: jax.Array, radius: float,
-                          distribution: Union[str, estimators.Sampler] = "gaussian"):
+                          distribution: Union[str, estimators.Sampler] = estimators.DEFAULT_DISTRIBUTION):
   """One directional ascent step: ``w̃ = w + ρ s u/‖u‖`` towards the higher of two losses.
 
   Args:
@@ -232,7 +232,7 @@ def enhanced_forward_gradient(
     num_directions: int = 3,
     epsilon: float = 1e-3,
     sign: bool = True,
-    distribution: Union[str, estimators.Sampler] = "gaussian",
+    distribution: Union[str, estimators.Sampler] = estimators.DEFAULT_DISTRIBUTION,
     momentum: Optional[MomentumGuidedSampling] = None,
     sharpness_radius: Optional[float] = None,
 ) -> optax.GradientTransformationExtraArgs:

@@ -3,10 +3,14 @@
 Both estimators are pure functions shaped like :func:`jax.value_and_grad`: they take the objective,
 the parameters and a PRNG key and return ``(loss, grads)`` with ``grads`` shaped like ``params``.
 
-Directions are drawn per leaf from the key and regenerated from it rather than stored: the ``m``
-directions are visited one after another inside a :func:`jax.lax.fori_loop`, so a step holds one
-direction and one gradient accumulator, never ``m`` copies of the parameters. The same key gives a
-bit-identical result.
+Directions are drawn per leaf from the key and regenerated from it rather than stored. A step
+first probes the ``m`` directions one after another inside a :func:`jax.lax.fori_loop`, keeping
+only one scalar per direction (the loss difference or the JVP's slope), and then forms
+``sum_i c_i z_i`` by drawing each ``z_i`` again: the perturbed point (or the JVP's tangent) and
+the gradient are never alive together, so the step holds the parameters and one more
+parameter-sized buffer, for any ``m``. With a fused sampler (``"fast_gaussian"``,
+``"fast_rademacher"``, ``"irwin_hall"``, see :func:`counter_bits`) no direction is ever stored.
+The same key gives a bit-identical result.
 
 References:
   Baydin et al., "Gradients without Backpropagation", 2022 (the forward gradient).
@@ -17,6 +21,7 @@ References:
 
 from __future__ import annotations
 
+import math
 from typing import Any, Callable, Union
 
 import jax
@@ -25,7 +30,12 @@ import jax.numpy as jnp
 PyTree = Any
 Sampler = Callable[[jax.Array, tuple, Any], jax.Array]
 
-DISTRIBUTIONS = ("gaussian", "rademacher")
+DISTRIBUTIONS = ("gaussian", "rademacher", "fast_gaussian", "fast_rademacher", "irwin_hall")
+# Bell-shaped, bounded (|z| <= 3.45, like the paper's 8-bit z with z_max = 3.5), unit-variance
+# directions that XLA generates inside their consumers (see counter_bits): the cheapest to draw,
+# and they never cost memory. "gaussian" is jax.random.normal; "fast_gaussian" is N(0, 1) drawn
+# like irwin_hall but through erfinv, several times slower on CPU.
+DEFAULT_DISTRIBUTION = "irwin_hall"
 
 
 def _gaussian(key, shape, dtype):
@@ -36,12 +46,88 @@ def _rademacher(key, shape, dtype):
   return jax.random.rademacher(key, shape, dtype)
 
 
-_SAMPLERS = {"gaussian": _gaussian, "rademacher": _rademacher}
+def _mix32(x: jax.Array) -> jax.Array:
+  """MurmurHash3's 32-bit finalizer: a bijection of ``uint32`` with full avalanche."""
+  x = x ^ (x >> 16)
+  x = x * jnp.uint32(0x85EBCA6B)
+  x = x ^ (x >> 13)
+  x = x * jnp.uint32(0xC2B2AE35)
+  return x ^ (x >> 16)
+
+
+def counter_bits(key: jax.Array, shape) -> jax.Array:
+  """Random ``uint32`` words as a pure elementwise function of (key, element index).
+
+  Word ``k`` is ``mix(... mix(mix(k ^ d_0) + d_1) ... + d_n)`` over the words ``d_j`` of the key's
+  data, with ``mix`` MurmurHash3's finalizer. Every element is computed from its own index, with
+  no state shared between elements, so XLA fuses the generation into whatever consumes it
+  (``w + εz`` or ``g + c z``): the words are never stored. ``jax.random.bits`` on CPU runs
+  threefry in a rolled loop over arrays of the output's size, which keeps about four times the
+  output alive and takes several times longer (``benchmarks/run.py`` measures both). The words
+  are not cryptographic; they are meant for perturbation directions, whose keys come from
+  ``jax.random.fold_in`` and so are themselves threefry outputs.
+
+  Args:
+    key: a PRNG key (typed, or a raw ``uint32`` key array).
+    shape: output shape; at most ``2**32`` elements.
+
+  Returns:
+    A ``uint32`` array of ``shape``.
+  """
+  shape = tuple(int(d) for d in shape)
+  size = math.prod(shape)
+  if size > 2**32:
+    raise ValueError(f"counter_bits draws at most 2**32 elements per key, got shape {shape}; "
+                     "split the leaf or use distribution='gaussian'.")
+  if jax.dtypes.issubdtype(jnp.result_type(key), jax.dtypes.prng_key):
+    key = jax.random.key_data(key)
+  words = jnp.asarray(key).astype(jnp.uint32).reshape(-1)
+  x = jax.lax.iota(jnp.uint32, size).reshape(shape) if shape else jnp.zeros((), jnp.uint32)
+  x = _mix32(x ^ words[0])
+  for index in range(1, words.shape[0]):
+    x = _mix32(x + words[index])
+  return x
+
+
+def _fast_gaussian(key, shape, dtype):
+  # 23 random bits give u = (k + 1/2) 2^-22 - 1, symmetric in (-1, 1) and never ±1.
+  k = (counter_bits(key, shape) >> 9).astype(jnp.float32)
+  u = (k + 0.5) * (2.0 ** -22) - 1.0
+  return (math.sqrt(2.0) * jax.lax.erf_inv(u)).astype(dtype)
+
+
+def _fast_rademacher(key, shape, dtype):
+  top = (counter_bits(key, shape) >> 31).astype(jnp.float32)
+  return (1.0 - 2.0 * top).astype(dtype)
+
+
+_IRWIN_HALL_STD = math.sqrt(4 * (256**2 - 1) / 12)
+
+
+def _irwin_hall(key, shape, dtype):
+  bits = counter_bits(key, shape)
+  total = (bits & 255) + ((bits >> 8) & 255) + ((bits >> 16) & 255) + (bits >> 24)
+  return ((total.astype(jnp.int32) - 510).astype(jnp.float32) / _IRWIN_HALL_STD).astype(dtype)
+
+
+_SAMPLERS = {"gaussian": _gaussian, "rademacher": _rademacher, "fast_gaussian": _fast_gaussian,
+             "fast_rademacher": _fast_rademacher, "irwin_hall": _irwin_hall}
 
 
 def get_sampler(distribution: Union[str, Sampler]) -> Sampler:
   """A ``sampler(key, shape, dtype) -> array`` for a distribution name, or the callable itself.
 
+  Names:
+    ``"gaussian"``: ``jax.random.normal`` (threefry).
+    ``"rademacher"``: ``jax.random.rademacher`` (threefry), ±1.
+    ``"fast_gaussian"``: N(0, 1) (``√2 erfinv`` of a uniform) from :func:`counter_bits`.
+    ``"fast_rademacher"``: ±1 from the top bit of :func:`counter_bits`.
+    ``"irwin_hall"``: the sum of the four bytes of :func:`counter_bits`, centred and scaled to
+    unit variance: a 10-bit, bell-shaped noise bounded by ``|z| <= 3.45`` (kurtosis 2.7 against
+    the Gaussian's 3), the cheapest of all on CPU.
+
+  The ``fast_*`` and ``irwin_hall`` samplers are fused by XLA into their consumers, so a training
+  step never stores a direction; the threefry ones are the reference draws of ``jax.random``.
   Samplers must draw i.i.d. zero-mean, unit-variance entries for the estimators to be unbiased.
   """
   if callable(distribution):
@@ -78,13 +164,14 @@ def _check_params(params: PyTree) -> None:
   check_float_leaves(params)
 
 
-def sample_direction(key: jax.Array, params: PyTree, distribution: Union[str, Sampler] = "gaussian"):
+def sample_direction(key: jax.Array, params: PyTree, distribution: Union[str, Sampler] = DEFAULT_DISTRIBUTION):
   """One random direction shaped like ``params``, each leaf from ``fold_in(key, leaf_index)``.
 
   Args:
     key: PRNG key of this direction.
     params: pytree of float arrays (only shapes and dtypes are used).
-    distribution: ``"gaussian"``, ``"rademacher"`` or a ``sampler(key, shape, dtype)``.
+    distribution: a name in ``fwdgrad.estimators.DISTRIBUTIONS`` (default ``"irwin_hall"``,
+      see :func:`fwdgrad.estimators.get_sampler`) or a ``sampler(key, shape, dtype)``.
 
   Returns:
     A pytree like ``params``.
@@ -112,18 +199,63 @@ def _zeros_like(params: PyTree) -> PyTree:
   return jax.tree_util.tree_map(jnp.zeros_like, params)
 
 
-def _after(value: jax.Array, params: PyTree) -> PyTree:
-  """``params`` unchanged, bit for bit, as values XLA can only compute once ``value`` is known.
+# Loops over at most this many directions are unrolled: XLA keeps an extra copy of the
+# parameters around a while loop that reads them, the memory a step is meant to save.
+UNROLL_DIRECTIONS = 8
 
-  Used for ``w - εz``: it then waits for the forward call at ``w + εz`` to finish, so the two
-  perturbed copies of the parameters are never alive together (one copy fewer at the peak of a
-  step). Each leaf gets ``-0.0`` added, which leaves every float (zeros' signs included)
-  unchanged; the ``-0.0`` is computed from ``value`` (``isfinite`` keeps it a zero for an infinite
-  or NaN loss) and XLA does not fold ``x * 0`` for floats, so the dependency survives compilation.
+
+def direction_loop(num_directions: int, body, init):
+  """``jax.lax.fori_loop(0, num_directions, body, init)``, unrolled for a few directions."""
+  return jax.lax.fori_loop(0, num_directions, body, init,
+                           unroll=num_directions <= UNROLL_DIRECTIONS)
+
+
+def fresh_key(key: jax.Array, after: jax.Array) -> jax.Array:
+  """The same key, as a value XLA can neither prove equal to ``key`` nor compute before ``after``.
+
+  Both matter for memory. Regenerating a direction from equal keys would be merged by
+  common-subexpression elimination, which keeps the whole direction alive between its uses,
+  exactly the buffer that regenerating avoids. And work that may start before the forward call
+  reading the previous point has finished cannot reuse that point's buffer: XLA would copy it.
+  ``0 * after`` is zero for every finite ``after`` and NaN otherwise, and both convert to the
+  unsigned zero, so the key's value never changes; XLA does not fold ``x * 0`` for floats, so the
+  dependency stays. (An optimization barrier does not survive XLA's CPU pipeline for this.)
   """
-  value = value.astype(jnp.float32)
+  zero = (jnp.sum(jnp.asarray(after, jnp.float32)) * 0.0).astype(jnp.uint32)
+  if jax.dtypes.issubdtype(jnp.result_type(key), jax.dtypes.prng_key):
+    data = jax.random.key_data(key) + zero
+    return jax.random.wrap_key_data(data, impl=jax.random.key_impl(key))
+  return key + zero
+
+
+def computed_after(value: jax.Array, tree: PyTree) -> PyTree:
+  """``tree`` unchanged, bit for bit, as values XLA can only compute once ``value`` is known.
+
+  Each float leaf gets ``-0.0`` added (which leaves every float, zeros' signs included,
+  unchanged); the ``-0.0`` is computed from ``value`` and XLA does not fold ``x * 0`` for floats,
+  so the dependency survives compilation. Two calls with different ``value`` s are two different
+  computations to XLA: whatever is derived from each is recomputed next to its consumer instead
+  of being shared and kept alive in between.
+  """
+  value = jnp.sum(jnp.asarray(value, jnp.float32))
   negative_zero = -jnp.abs(jnp.where(jnp.isfinite(value), value * 0.0, 0.0))
-  return jax.tree_util.tree_map(lambda leaf: leaf + negative_zero.astype(leaf.dtype), params)
+  return jax.tree_util.tree_map(lambda leaf: leaf + negative_zero.astype(leaf.dtype), tree)
+
+
+def accumulate_directions(key: jax.Array, params: PyTree, coefficients: jax.Array,
+                          sampler: Union[str, Sampler], *, after: jax.Array) -> PyTree:
+  """``sum_i coefficients[i] z_i`` with ``z_i`` regenerated from ``direction_key(key, i)``.
+
+  The directions are drawn again, one at a time, once ``after`` is known, so the sum is the only
+  parameter-sized buffer alive (with a fused sampler; see :func:`counter_bits`).
+  """
+  sampler = get_sampler(sampler)
+
+  def body(index, grads):
+    z = sample_direction(fresh_key(direction_key(key, index), after), params, sampler)
+    return _axpy(coefficients[index], z, grads)
+
+  return direction_loop(coefficients.shape[0], body, _zeros_like(params))
 
 
 def jvp_grad(
@@ -132,7 +264,7 @@ def jvp_grad(
     key: jax.Array,
     *,
     num_directions: int = 1,
-    distribution: Union[str, Sampler] = "gaussian",
+    distribution: Union[str, Sampler] = DEFAULT_DISTRIBUTION,
 ):
   """Forward gradient with exact directional derivatives from :func:`jax.jvp`.
 
@@ -148,7 +280,8 @@ def jvp_grad(
     params: pytree of float arrays.
     key: PRNG key; direction ``i`` uses ``fold_in(key, i)``.
     num_directions: ``m``, a Python int.
-    distribution: ``"gaussian"``, ``"rademacher"`` or a ``sampler(key, shape, dtype)``.
+    distribution: a name in ``fwdgrad.estimators.DISTRIBUTIONS`` (default ``"irwin_hall"``,
+      see :func:`fwdgrad.estimators.get_sampler`) or a ``sampler(key, shape, dtype)``.
 
   Returns:
     ``(loss, grads)``: ``loss = f(params)`` (exact, from the JVP's primal output) and the estimate.
@@ -161,14 +294,16 @@ def jvp_grad(
   _check_params(params)
   sampler = get_sampler(distribution)
 
-  def body(index, carry):
-    _, grads = carry
-    z = sample_direction(direction_key(key, index), params, sampler)
+  def probe(index, carry):
+    _, slopes = carry
+    # Drawn once the previous direction is done, so two tangents are never alive together.
+    z = sample_direction(fresh_key(direction_key(key, index), slopes), params, sampler)
     loss, slope = jax.jvp(value_fn, (params,), (z,))
-    return loss.astype(jnp.float32), _axpy(slope / num_directions, z, grads)
+    return loss.astype(jnp.float32), slopes.at[index].set(slope.astype(jnp.float32))
 
-  init = (jnp.zeros((), jnp.float32), _zeros_like(params))
-  return jax.lax.fori_loop(0, num_directions, body, init)
+  init = (jnp.zeros((), jnp.float32), jnp.zeros((num_directions,), jnp.float32))
+  loss, slopes = direction_loop(num_directions, probe, init)
+  return loss, accumulate_directions(key, params, slopes / num_directions, sampler, after=slopes)
 
 
 def spsa_grad(
@@ -178,7 +313,7 @@ def spsa_grad(
     *,
     num_directions: int = 1,
     epsilon: float = 1e-3,
-    distribution: Union[str, Sampler] = "gaussian",
+    distribution: Union[str, Sampler] = DEFAULT_DISTRIBUTION,
     sign: bool = False,
 ):
   """SPSA (two forward calls per direction, central difference), or the paper's sign-m-SPSA.
@@ -200,7 +335,8 @@ def spsa_grad(
     key: PRNG key; direction ``i`` uses ``fold_in(key, i)``.
     num_directions: ``m``, a Python int.
     epsilon: perturbation size ``ε``.
-    distribution: ``"gaussian"``, ``"rademacher"`` or a ``sampler(key, shape, dtype)``.
+    distribution: a name in ``fwdgrad.estimators.DISTRIBUTIONS`` (default ``"irwin_hall"``,
+      see :func:`fwdgrad.estimators.get_sampler`) or a ``sampler(key, shape, dtype)``.
     sign: keep only the sign of the loss difference (sign-m-SPSA).
 
   Returns:
@@ -215,16 +351,20 @@ def spsa_grad(
   _check_params(params)
   sampler = get_sampler(distribution)
 
-  def body(index, carry):
-    loss_sum, grads = carry
-    z = sample_direction(direction_key(key, index), params, sampler)
+  def probe(index, carry):
+    loss_sum, coefficients = carry
+    direction = direction_key(key, index)
+    z = sample_direction(fresh_key(direction, loss_sum), params, sampler)
     loss_plus = value_fn(_axpy(epsilon, z, params))
-    loss_minus = value_fn(_after(loss_plus, _axpy(-epsilon, z, params)))
+    z = sample_direction(fresh_key(direction, loss_plus), params, sampler)
+    loss_minus = value_fn(_axpy(-epsilon, z, params))
     difference = (loss_plus - loss_minus).astype(jnp.float32)
     coefficient = jnp.sign(difference) if sign else difference / (2.0 * epsilon)
     loss_sum = loss_sum + 0.5 * (loss_plus + loss_minus).astype(jnp.float32)
-    return loss_sum, _axpy(coefficient / num_directions, z, grads)
+    return loss_sum, coefficients.at[index].set(coefficient)
 
-  init = (jnp.zeros((), jnp.float32), _zeros_like(params))
-  loss_sum, grads = jax.lax.fori_loop(0, num_directions, body, init)
+  init = (jnp.zeros((), jnp.float32), jnp.zeros((num_directions,), jnp.float32))
+  loss_sum, coefficients = direction_loop(num_directions, probe, init)
+  grads = accumulate_directions(key, params, coefficients / num_directions, sampler,
+                                after=coefficients)
   return loss_sum / num_directions, grads

@@ -21,13 +21,13 @@ and once every direction has been probed at the same point,
 applied one direction at a time. This is :func:`fwdgrad.spsa_grad` followed by SGD with the same
 key, direction for direction. Under :func:`jax.jit` with the parameters donated every assignment
 above is an in-place update of the donated buffers, so the step's footprint is the parameters, the
-activations of one forward call and the scratch of generating ``z``. On CPU that scratch is about
-four times the largest leaf (JAX's threefry keeps two ``uint32`` arrays of the output's size in a
-loop); ``block_size`` bounds it by generating and applying ``z`` in blocks
-(:func:`blockwise_sampler`), and :func:`packed_rademacher` draws 32 signs per random word.
-Measured with ``benchmarks/run.py`` (an MLP 784-512-512-10, batch 32): 1.10x the memory of
-inference for ``m = 1`` and 1.15x for ``m = 3`` with ``block_size=16384``, against 3.9x and 6.7x
-for ``spsa_grad`` + SGD.
+activations of one forward call and the scratch of generating ``z``. With the default sampler
+(``"irwin_hall"``, or ``"fast_gaussian"`` / ``"fast_rademacher"``; see
+:func:`fwdgrad.estimators.counter_bits`) XLA generates ``z`` inside the walk itself and that scratch
+is nothing: an MLP 784-512-512-10 at batch 32 trains at 1.001x (m = 1) and 1.006x (m = 3) the
+memory of inference (``benchmarks/run.py``). JAX's threefry (``"gaussian"``) keeps about four times
+the largest leaf on CPU (two ``uint32`` arrays of the output's size in a rolled loop);
+``block_size`` bounds that by generating and applying ``z`` in blocks (:func:`blockwise_sampler`).
 
 Floating point: :math:`(w + \\epsilon z) - 2\\epsilon z + \\epsilon z` is not exactly :math:`w`; each
 walk leaves a rounding error of a few units in the last place per element, and :math:`L^-` is
@@ -56,23 +56,7 @@ from fwdgrad import estimators
 PyTree = Any
 
 
-def _fresh(key: jax.Array, after: jax.Array) -> jax.Array:
-  """The same key, as a value XLA can neither prove equal to ``key`` nor compute before ``after``.
-
-  Both matter for memory. Regenerating a direction from equal keys would be merged by
-  common-subexpression elimination, which keeps the whole direction alive between its uses,
-  exactly the buffer this step avoids. And a walk that may start before the forward call reading
-  the previous point has finished cannot overwrite that point in place: XLA would copy it.
-  ``0 * after`` is zero for every finite ``after`` and NaN otherwise, and both convert to the
-  unsigned zero, so the key's value never changes; XLA does not fold ``x * 0`` for floats, so the
-  dependency stays. (An optimization barrier does not survive XLA's CPU pipeline for this.)
-  """
-  zero = (jnp.asarray(after, jnp.float32) * 0.0).astype(jnp.uint32)
-  data = jax.random.key_data(key) + zero
-  return jax.random.wrap_key_data(data, impl=jax.random.key_impl(key))
-
-
-def blockwise_sampler(distribution: Union[str, estimators.Sampler] = "gaussian",
+def blockwise_sampler(distribution: Union[str, estimators.Sampler] = estimators.DEFAULT_DISTRIBUTION,
                       block_size: int = 65536) -> estimators.Sampler:
   """A sampler that draws a leaf in flat blocks of ``block_size`` elements, one key per block.
 
@@ -89,7 +73,8 @@ def blockwise_sampler(distribution: Union[str, estimators.Sampler] = "gaussian",
   these values, so ``spsa_grad(..., distribution=blockwise_sampler(d, B))`` is its reference.
 
   Args:
-    distribution: ``"gaussian"``, ``"rademacher"`` or a ``sampler(key, shape, dtype)``.
+    distribution: a name in ``fwdgrad.estimators.DISTRIBUTIONS`` (default ``"irwin_hall"``,
+      see :func:`fwdgrad.estimators.get_sampler`) or a ``sampler(key, shape, dtype)``.
     block_size: elements per block, a positive Python int.
 
   Returns:
@@ -172,7 +157,7 @@ def _walk_leaf(leaf, key, alpha, sampler, block_size):
 
 def _walk(leaves, key, alpha, sampler, block_size, after):
   """``leaf + alpha * z_leaf`` for every leaf, ``z`` regenerated from the key once ``after`` is."""
-  key = _fresh(key, after)
+  key = estimators.fresh_key(key, after)
   return [
       _walk_leaf(leaf, jax.random.fold_in(key, index), alpha, sampler, block_size)
       for index, leaf in enumerate(leaves)
@@ -187,7 +172,7 @@ def fused_spsa_step(
     learning_rate: Union[float, jax.Array],
     num_directions: int = 1,
     epsilon: float = 1e-3,
-    distribution: Union[str, estimators.Sampler] = "gaussian",
+    distribution: Union[str, estimators.Sampler] = estimators.DEFAULT_DISTRIBUTION,
     sign: bool = False,
     block_size: Optional[int] = None,
 ):
@@ -208,7 +193,8 @@ def fused_spsa_step(
     learning_rate: ``η``, a float or a traced scalar (a schedule's value).
     num_directions: ``m``, a Python int.
     epsilon: perturbation size ``ε``.
-    distribution: ``"gaussian"``, ``"rademacher"`` or a ``sampler(key, shape, dtype)``.
+    distribution: a name in ``fwdgrad.estimators.DISTRIBUTIONS`` (default ``"irwin_hall"``,
+      see :func:`fwdgrad.estimators.get_sampler`) or a ``sampler(key, shape, dtype)``.
     sign: sign-m-SPSA, ``c_i = sign(L+ - L-)``.
     block_size: ``None`` draws each leaf's direction whole, as :func:`fwdgrad.spsa_grad` does with
       ``distribution``. An int walks every leaf in flat blocks of that many elements, in place,
@@ -254,8 +240,8 @@ def fused_spsa_step(
 
   last = num_directions - 1
   coefficients = jnp.zeros((num_directions,), jnp.float32)
-  leaves, coefficients, loss_sum = jax.lax.fori_loop(
-      0, last, probe_and_restore, (leaves, coefficients, jnp.zeros((), jnp.float32)))
+  leaves, coefficients, loss_sum = estimators.direction_loop(
+      last, probe_and_restore, (leaves, coefficients, jnp.zeros((), jnp.float32)))
   leaves, coefficient, mean_loss, loss_minus = probe(last, leaves, loss_sum)
   # The last direction's way back and its update in one walk.
   leaves = _walk(leaves, estimators.direction_key(key, last), epsilon - step_size * coefficient,
@@ -265,7 +251,7 @@ def fused_spsa_step(
     return _walk(leaves, estimators.direction_key(key, index), -step_size * coefficients[index],
                  sampler, block_size, coefficient)
 
-  leaves = jax.lax.fori_loop(0, last, update, leaves)
+  leaves = estimators.direction_loop(last, update, leaves)
   return jax.tree_util.tree_unflatten(treedef, leaves), (loss_sum + mean_loss) / num_directions
 
 
@@ -275,7 +261,7 @@ def make_fused_train_step(
     learning_rate: Union[float, Callable[[jax.Array], jax.Array]],
     num_directions: int = 1,
     epsilon: float = 1e-3,
-    distribution: Union[str, estimators.Sampler] = "gaussian",
+    distribution: Union[str, estimators.Sampler] = estimators.DEFAULT_DISTRIBUTION,
     sign: bool = False,
     block_size: Optional[int] = None,
 ):
@@ -289,7 +275,8 @@ def make_fused_train_step(
     learning_rate: ``η`` or a schedule ``step_index -> η`` (an optax schedule).
     num_directions: ``m``, a Python int.
     epsilon: perturbation size ``ε``.
-    distribution: ``"gaussian"``, ``"rademacher"`` or a ``sampler(key, shape, dtype)``.
+    distribution: a name in ``fwdgrad.estimators.DISTRIBUTIONS`` (default ``"irwin_hall"``,
+      see :func:`fwdgrad.estimators.get_sampler`) or a ``sampler(key, shape, dtype)``.
     sign: sign-m-SPSA.
     block_size: see :func:`fused_spsa_step`.
 

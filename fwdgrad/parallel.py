@@ -98,7 +98,7 @@ def sharded_spsa_grad(
     *,
     num_directions: int = 1,
     epsilon: float = 1e-3,
-    distribution: Union[str, estimators.Sampler] = "gaussian",
+    distribution: Union[str, estimators.Sampler] = estimators.DEFAULT_DISTRIBUTION,
     sign: bool = False,
     direction_axis: str = DIRECTIONS,
     data_axis: Optional[str] = None,
@@ -120,7 +120,8 @@ def sharded_spsa_grad(
     key: PRNG key, the same on every device; direction ``i`` uses ``fold_in(key, i)``.
     num_directions: ``m``, a Python int.
     epsilon: perturbation size ``ε``.
-    distribution: ``"gaussian"``, ``"rademacher"`` or a ``sampler(key, shape, dtype)``.
+    distribution: a name in ``fwdgrad.estimators.DISTRIBUTIONS`` (default ``"irwin_hall"``,
+      see :func:`fwdgrad.estimators.get_sampler`) or a ``sampler(key, shape, dtype)``.
     sign: sign-m-SPSA.
     direction_axis: mesh axis the forward calls are split over.
     data_axis: mesh axis the batch is split over, or ``None``; losses are averaged over it.
@@ -177,7 +178,7 @@ def make_parallel_train_step(
     learning_rate: float,
     num_directions: int = 1,
     epsilon: float = 1e-3,
-    distribution: Union[str, estimators.Sampler] = "gaussian",
+    distribution: Union[str, estimators.Sampler] = estimators.DEFAULT_DISTRIBUTION,
     sign: bool = False,
     direction_axis: str = DIRECTIONS,
     data_axis: Optional[str] = DATA,
@@ -193,7 +194,8 @@ def make_parallel_train_step(
     learning_rate: ``η``.
     num_directions: ``m``, a Python int.
     epsilon: perturbation size ``ε``.
-    distribution: ``"gaussian"``, ``"rademacher"`` or a ``sampler(key, shape, dtype)``.
+    distribution: a name in ``fwdgrad.estimators.DISTRIBUTIONS`` (default ``"irwin_hall"``,
+      see :func:`fwdgrad.estimators.get_sampler`) or a ``sampler(key, shape, dtype)``.
     sign: sign-m-SPSA.
     direction_axis: mesh axis of the forward calls.
     data_axis: mesh axis of the batch, or ``None`` to replicate the batch.

@@ -64,7 +64,7 @@ from fwdgrad import transform
 
 PyTree = Any
 
-QZO_DISTRIBUTIONS = ("gaussian", "rademacher", "binomial")
+QZO_DISTRIBUTIONS = estimators.DISTRIBUTIONS + ("binomial",)
 _MAX_ACCUMULATOR = 2 ** 31 - 1
 
 
@@ -138,10 +138,11 @@ def quantize_direction(z: PyTree, fmt: PerturbationFormat) -> PyTree:
 
 
 def sample_quantized_direction(key: jax.Array, params: PyTree, fmt: PerturbationFormat,
-                               distribution: Union[str, estimators.Sampler] = "gaussian") -> PyTree:
+                               distribution: Union[str, estimators.Sampler] = estimators.DEFAULT_DISTRIBUTION) -> PyTree:
   """``z_q`` for one direction: Rademacher/binomial gives ``±1_q`` exactly, Gaussian is rounded."""
-  if distribution in ("rademacher", "binomial"):
-    signs = estimators.sample_direction(key, params, "rademacher")
+  if distribution in ("rademacher", "binomial", "fast_rademacher"):
+    signs = estimators.sample_direction(
+        key, params, "rademacher" if distribution == "binomial" else distribution)
     dtype = quant.integer_dtype(fmt.bits)
     return jax.tree_util.tree_map(lambda s: (s * fmt.one).astype(dtype), signs)
   return quantize_direction(estimators.sample_direction(key, params, distribution), fmt)
@@ -207,7 +208,7 @@ def qzo_ff(
     weight_bits: int = 16,
     perturbation_bits: int = 8,
     z_max: float = 3.5,
-    distribution: Union[str, estimators.Sampler] = "gaussian",
+    distribution: Union[str, estimators.Sampler] = estimators.DEFAULT_DISTRIBUTION,
     axis: Optional[int] = None,
     scale_method: str = "max",
     rounding: str = "nearest",
@@ -238,9 +239,10 @@ def qzo_ff(
     weight_bits: ``b`` of the weights (16; 8 reproduces the failure).
     perturbation_bits: bits of ``z_q`` and ``g_q`` (8).
     z_max: static range of ``z`` (3.5).
-    distribution: ``"gaussian"`` (statically quantized), ``"rademacher"`` (``z_q = ±1_q``),
-      ``"binomial"`` (the paper's name for the same ±1 perturbation) or a
-      ``sampler(key, shape, dtype)`` whose float output is quantized.
+    distribution: ``"irwin_hall"`` (default; bounded by 3.45, so never clipped),
+      ``"fast_gaussian"`` or ``"gaussian"`` (statically quantized), ``"rademacher"`` or
+      ``"fast_rademacher"`` (``z_q = ±1_q``), ``"binomial"`` (the paper's name for the same ±1
+      perturbation) or a ``sampler(key, shape, dtype)`` whose float output is quantized.
     axis: ``None`` (one ``Δ_w`` per leaf) or the channel axis (one per channel, for leaves with two
       or more dimensions; vectors such as biases stay per-tensor).
     scale_method: how ``w_max`` is found: ``"max"`` (TF), ``"mse"`` or ``"pow2"``.
@@ -346,33 +348,58 @@ def qzo_ff(
     del updates, extra_args
     transform.missing_extra_args_error("qzo_ff", params, value_fn)
     step_key = jax.random.fold_in(state.key, state.count)
+    def weights_after(after):
+      # w_q drawn again from the params for each use rather than stored: an int16 copy fewer.
+      return integer_weights(estimators.computed_after(after, params), state.weight_scale,
+                             weight_bits)
+
     w_q = integer_weights(params, state.weight_scale, weight_bits)
-    center = w_q
+    center = None
     if sharpness_radius is not None:
       center = sharpness_point(value_fn, w_q, state, params, step_key)
+    center_after = (lambda after: center) if center is not None else weights_after
     stacked = directions_for_step(state, params, step_key)
     minus_epsilon = jax.tree_util.tree_map(jnp.negative, state.epsilon_q)
 
-    def body(index, carry):
-      loss_sum, total = carry
-      if stacked is None:
-        z_q = sample_quantized_direction(estimators.direction_key(step_key, index), params, fmt,
-                                         float_sampler)
-      else:
-        z_q = jax.tree_util.tree_map(lambda z: z[index], stacked)
-      w_plus = perturb(center, state.epsilon_q, z_q)
-      w_minus = perturb(center, minus_epsilon, z_q)
-      loss_plus = loss_at(value_fn, w_plus, state, params)
+    def direction(index, after):
+      """``z_q`` of direction ``index``, drawn again (not stored) once ``after`` is known."""
+      if stacked is not None:
+        return jax.tree_util.tree_map(lambda z: z[index], stacked)
+      return sample_quantized_direction(
+          estimators.fresh_key(estimators.direction_key(step_key, index), after), params, fmt,
+          float_sampler)
+
+    def probe(index, carry):
+      loss_sum, signs = carry
+      loss_plus = loss_at(value_fn, perturb(center_after(loss_sum), state.epsilon_q,
+                                            direction(index, loss_sum)), state, params)
+      z_q = direction(index, loss_plus)
+      w_minus = perturb(center_after(loss_plus), minus_epsilon, z_q)
       loss_minus = loss_at(value_fn, w_minus, state, params)
       sign = jnp.sign(loss_plus - loss_minus).astype(jnp.int32)
       # Identical integer weights give identical losses on a chip, but XLA may sum the two calls
       # in different orders (a difference of ~1e-8): force sign(0) = 0 as the hardware would.
-      sign = jnp.where(_trees_equal(w_plus, w_minus), 0, sign)
-      total = jax.tree_util.tree_map(lambda t, z: t + sign * z.astype(jnp.int32), total, z_q)
-      return loss_sum + 0.5 * (loss_plus + loss_minus), total
+      # (Recomputed from its own draw, so that nothing parameter-sized is kept for it.)
+      z_q = direction(index, loss_minus)
+      same = _trees_equal(perturb(center_after(loss_minus), state.epsilon_q, z_q),
+                          perturb(center_after(loss_minus), minus_epsilon, z_q))
+      sign = jnp.where(same, 0, sign)
+      return loss_sum + 0.5 * (loss_plus + loss_minus), signs.at[index].set(sign)
 
-    zeros = jax.tree_util.tree_map(lambda p: jnp.zeros(jnp.shape(p), jnp.int32), params)
-    loss_sum, total = jax.lax.fori_loop(0, m, body, (jnp.zeros((), jnp.float32), zeros))
+    loss_sum, signs = estimators.direction_loop(
+        m, probe, (jnp.zeros((), jnp.float32), jnp.zeros((m,), jnp.int32)))
+
+    # sum_i sign_i z_q,i, with the directions drawn again: int16 holds it for m <= 258 at 8 bits.
+    total_dtype = jnp.int16 if m * quant.qmax(fmt.bits) <= 2**15 - 1 else jnp.int32
+
+    def accumulate(index, total):
+      z_q = direction(index, signs)
+      return jax.tree_util.tree_map(
+          lambda t, z: (t.astype(jnp.int32) + signs[index] * z.astype(jnp.int32)).astype(
+              total_dtype), total, z_q)
+
+    zeros = jax.tree_util.tree_map(lambda p: jnp.zeros(jnp.shape(p), total_dtype), params)
+    total = estimators.direction_loop(m, accumulate, zeros)
     g_dtype = quant.integer_dtype(fmt.bits)
     g_q = jax.tree_util.tree_map(lambda t: fixed_point.round_divide(t, m).astype(g_dtype), total)
 
@@ -385,7 +412,7 @@ def qzo_ff(
               fmt.scale * jnp.linalg.norm(g.astype(jnp.float32).ravel())),
           w_q, state.weight_scale, g_q)
     multiplier, shift = update_multiplier(rate, state.weight_scale, fmt, factor)
-    leaves, treedef = jax.tree_util.tree_flatten(w_q)
+    leaves, treedef = jax.tree_util.tree_flatten(weights_after(signs))
     rounding_key = estimators.direction_key(step_key, m + 1)
     new_leaves = []
     for index, (w, g, mult, sh) in enumerate(zip(leaves, treedef.flatten_up_to(g_q),

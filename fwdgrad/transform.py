@@ -68,7 +68,7 @@ def forward_gradient(
     key: Union[int, jax.Array],
     num_directions: int = 1,
     epsilon: float = 1e-3,
-    distribution: Union[str, estimators.Sampler] = "gaussian",
+    distribution: Union[str, estimators.Sampler] = estimators.DEFAULT_DISTRIBUTION,
     sign: bool = False,
 ) -> optax.GradientTransformationExtraArgs:
   """A transformation that replaces the incoming updates with a forward-gradient estimate.
@@ -84,7 +84,8 @@ def forward_gradient(
     key: PRNG key (or int seed) kept in the state.
     num_directions: ``m`` directions averaged per step.
     epsilon: SPSA perturbation size (unused by ``"jvp"``).
-    distribution: ``"gaussian"``, ``"rademacher"`` or a ``sampler(key, shape, dtype)``.
+    distribution: a name in ``fwdgrad.estimators.DISTRIBUTIONS`` (default ``"irwin_hall"``,
+      see :func:`fwdgrad.estimators.get_sampler`) or a ``sampler(key, shape, dtype)``.
     sign: sign-m-SPSA (``estimator="spsa"`` only).
 
   Returns:

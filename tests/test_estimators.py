@@ -30,7 +30,7 @@ def _quadratic_problem():
   return loss, {"w": jnp.ones(6), "v": jnp.full((2, 2), 0.5)}
 
 
-@pytest.mark.parametrize("distribution", ["gaussian", "rademacher"])
+@pytest.mark.parametrize("distribution", estimators.DISTRIBUTIONS)
 def test_jvp_single_direction_is_directional_derivative_times_direction(distribution):
   params, key = _params(), jax.random.key(7)
   loss, grads = fwdgrad.jvp_grad(_loss, params, key, distribution=distribution)
@@ -177,3 +177,45 @@ def test_bad_arguments_are_clear_errors():
     fwdgrad.jvp_grad(lambda p: 0.0, {"steps": jnp.array(3)}, jax.random.key(0))
   with pytest.raises(ValueError, match="nothing to perturb"):
     fwdgrad.spsa_grad(lambda p: 0.0, {}, jax.random.key(0))
+
+
+@pytest.mark.parametrize("distribution", ["fast_gaussian", "fast_rademacher", "irwin_hall"])
+def test_counter_samplers_are_zero_mean_unit_variance_and_independent(distribution):
+  sampler = estimators.get_sampler(distribution)
+  n = 400_000
+  z = np.asarray(sampler(jax.random.key(0), (n,), jnp.float32), np.float64)
+  # Five standard errors: the mean's is 1/sqrt(n), the variance's sqrt((kurtosis - 1) / n).
+  assert abs(z.mean()) < 5 / np.sqrt(n)
+  assert abs(z.var() - 1) < 5 * np.sqrt(2 / n)
+  # Neighbouring elements, other keys (fold_in of one key, as for leaves and directions) and a
+  # reshaped draw of the same key are uncorrelated / consistent.
+  assert abs(np.corrcoef(z[:-1], z[1:])[0, 1]) < 5 / np.sqrt(n)
+  other = np.asarray(sampler(jax.random.fold_in(jax.random.key(0), 1), (n,), jnp.float32))
+  assert abs(np.corrcoef(z, other)[0, 1]) < 5 / np.sqrt(n)
+  np.testing.assert_array_equal(
+      np.asarray(sampler(jax.random.key(0), (n // 400, 400), jnp.float32)).ravel(), z)
+
+
+def test_counter_sampler_shapes_of_their_laws():
+  key = jax.random.key(5)
+  n = 400_000
+  gauss = np.asarray(estimators.get_sampler("fast_gaussian")(key, (n,), jnp.float32))
+  # Tail and kurtosis of N(0, 1): P(|z| > 2) = 0.0455; E z^4 = 3.
+  assert abs(np.mean(np.abs(gauss) > 2) - 0.0455) < 0.002
+  assert abs(np.mean(gauss.astype(np.float64) ** 4) - 3) < 0.1
+  hall = np.asarray(estimators.get_sampler("irwin_hall")(key, (n,), jnp.float32))
+  assert np.abs(hall).max() <= 510 / np.sqrt(4 * (256**2 - 1) / 12) + 1e-6  # 3.45
+  assert abs(np.mean(hall.astype(np.float64) ** 4) - 2.7) < 0.1
+  signs = np.asarray(estimators.get_sampler("fast_rademacher")(key, (1000,), jnp.bfloat16))
+  assert set(np.unique(signs.astype(np.float32))) == {-1.0, 1.0}
+
+
+def test_counter_bits_are_uniform_bytes():
+  bits = np.asarray(estimators.counter_bits(jax.random.key(2), (256 * 1024,)))
+  for shift in (0, 8, 16, 24):
+    counts = np.bincount((bits >> shift) & 255, minlength=256)
+    chi2 = np.sum((counts - 1024.0) ** 2 / 1024.0)
+    assert chi2 < 400  # 255 degrees of freedom: mean 255, std 22.6.
+  # Raw uint32 keys work too, and give the same words as the typed key with the same data.
+  raw = jax.random.key_data(jax.random.key(2))
+  np.testing.assert_array_equal(np.asarray(estimators.counter_bits(raw, (10,))), bits[:10])

@@ -1,0 +1,85 @@
+"""Compiled memory of training steps against one inference call (XLA's own accounting).
+
+XLA's buffer assignment is deterministic for a program, so these are not timing tests. The model's
+parameters dominate the footprint of its inference call, the case where a naive forward-gradient
+step costs several times inference. benchmarks/run.py measures the same ratios on real models.
+"""
+
+import warnings
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import optax
+import pytest
+
+import fwdgrad
+from fwdgrad import profiling
+
+
+class _Wide(nn.Module):
+
+  @nn.compact
+  def __call__(self, x):
+    x = nn.relu(nn.Dense(384)(x))
+    x = nn.relu(nn.Dense(256)(x))
+    return nn.Dense(5)(x)
+
+
+def _problem():
+  model = _Wide()
+  x = jax.random.normal(jax.random.key(1), (16, 200))
+  y = jnp.arange(16) % 5
+  params = model.init(jax.random.key(0), x)["params"]
+
+  def loss_fn(params, x, y):
+    logits = model.apply({"params": params}, x)
+    return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
+
+  return params, x, y, loss_fn
+
+
+def _optax_step_ratio(tx, params, x, y, loss_fn):
+  def step(params, state):
+    updates, state = tx.update(params, state, params, value_fn=lambda p: loss_fn(p, x, y))
+    return optax.apply_updates(params, updates), state
+
+  inference = profiling.step_memory(loss_fn, params, x, y)
+  with warnings.catch_warnings():
+    warnings.simplefilter("ignore")  # Donated buffers that a small program cannot reuse.
+    memory = profiling.step_memory(step, params, tx.init(params), donate_argnums=(0, 1))
+  return profiling.memory_ratio(memory, inference)
+
+
+@pytest.mark.parametrize("num_directions", [1, 3])
+@pytest.mark.parametrize("estimator", ["spsa", "jvp"])
+def test_forward_gradient_with_sgd_is_at_most_2_2x_inference(estimator, num_directions):
+  params, x, y, loss_fn = _problem()
+  tx = optax.chain(fwdgrad.forward_gradient(estimator, key=0, num_directions=num_directions),
+                   optax.sgd(1e-2))
+  assert _optax_step_ratio(tx, params, x, y, loss_fn) <= 2.2
+
+
+@pytest.mark.parametrize("num_directions", [1, 3])
+def test_qzo_ff_is_at_most_2_2x_inference(num_directions):
+  params, x, y, loss_fn = _problem()
+  tx = fwdgrad.qzo_ff(1e-3, key=0, num_directions=num_directions)
+  assert _optax_step_ratio(tx, params, x, y, loss_fn) <= 2.2
+
+
+@pytest.mark.parametrize("num_directions", [1, 3])
+def test_fused_step_is_at_most_1_2x_inference(num_directions):
+  params, x, y, loss_fn = _problem()
+  step = fwdgrad.make_fused_train_step(loss_fn, learning_rate=1e-2,
+                                       num_directions=num_directions)
+  inference = profiling.step_memory(loss_fn, params, x, y)
+  memory = profiling.step_memory(step, params, jax.random.key(0), 0, x, y)
+  assert profiling.memory_ratio(memory, inference) <= 1.2
+
+
+def test_directions_are_not_stored_with_a_fused_sampler():
+  # The step's scratch stays far below one copy of the largest leaf (384 x 200 floats).
+  params, x, y, loss_fn = _problem()
+  step = fwdgrad.make_fused_train_step(loss_fn, learning_rate=1e-2, num_directions=3)
+  memory = profiling.step_memory(step, params, jax.random.key(0), 0, x, y)
+  assert memory.temp < 0.25 * 384 * 200 * 4
