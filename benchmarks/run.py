@@ -221,8 +221,10 @@ def measure(name, mode, args):
     if donate:
       carry = lambda out, a, n=len(donate): tuple(out[:n]) + tuple(a[n:])
     start = time.perf_counter()
-    seconds = profiling.time_step(jitted, *fresh, warmup=args.warmup, repeats=args.repeats,
-                                  carry=carry)
+    seconds = float("nan")
+    if not args.memory_only:
+      seconds = profiling.time_step(jitted, *fresh, warmup=args.warmup, repeats=args.repeats,
+                                    carry=carry)
     wall = time.perf_counter() - start
     if step_name == reference:
       inference[reference] = (memory, seconds)
@@ -246,7 +248,8 @@ def _shared_flags(args):
           "--num-classes", str(args.num_classes),
           "--directions", ",".join(map(str, args.directions)),
           "--distributions", ",".join(args.distributions), "--block-size", blocks,
-          "--warmup", str(args.warmup), "--repeats", str(args.repeats)]
+          "--warmup", str(args.warmup), "--repeats", str(args.repeats)] + (
+              ["--memory-only"] if args.memory_only else [])
 
 
 def torch_rows(name, mode, args, ours):
@@ -382,6 +385,8 @@ def parse_args(argv=None):
                       help="device counts for the perturbation-parallel step")
   parser.add_argument("--no-scaling", dest="scaling", action="store_const", const=[])
   parser.add_argument("--no-torch", action="store_true")
+  parser.add_argument("--memory-only", action="store_true",
+                      help="compile and account memory only; no step is run or timed")
   parser.add_argument("--out", default=os.path.join(HERE, "results"))
   parser.add_argument("--scaling-worker", action="store_true", help=argparse.SUPPRESS)
   parser.add_argument("--memory-worker", action="store_true", help=argparse.SUPPRESS)
@@ -405,7 +410,7 @@ def main(argv=None):
     for mode in args.modes:
       rows = measure(name, mode, args)
       results["steps"] += rows
-      if not args.no_torch:
+      if not args.no_torch and not args.memory_only:
         results["torch"] += torch_rows(name, mode, args, rows)
     if args.scaling:
       results["scaling"] += scaling_rows(name, "ft", args)
