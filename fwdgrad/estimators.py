@@ -82,11 +82,13 @@ def counter_bits(key: jax.Array, shape) -> jax.Array:
   if jax.dtypes.issubdtype(jnp.result_type(key), jax.dtypes.prng_key):
     key = jax.random.key_data(key)
   words = jnp.asarray(key).astype(jnp.uint32).reshape(-1)
-  x = jax.lax.iota(jnp.uint32, size).reshape(shape) if shape else jnp.zeros((), jnp.uint32)
+  # Hashed as a flat vector and reshaped last (a free bitcast), so that XLA fuses the whole
+  # chain into the consumer for leaves of any rank.
+  x = jax.lax.iota(jnp.uint32, size)
   x = _mix32(x ^ words[0])
   for index in range(1, words.shape[0]):
     x = _mix32(x + words[index])
-  return x
+  return x.reshape(shape)
 
 
 def _fast_gaussian(key, shape, dtype):
