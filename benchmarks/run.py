@@ -214,9 +214,9 @@ def memory_in_child(name, mode, args):
         print("  " + line.rstrip(), flush=True)
     child.wait()
     reader.join()
-  done = subprocess.CompletedProcess(command, child.returncode, "", "".join(stderr_lines))
-  if done.returncode or not lines:
-    print(f"memory child failed, measuring in this process instead:\n{done.stderr[-2000:]}")
+  if child.returncode or not lines:
+    print("memory child failed, measuring in this process instead:\n"
+          + "".join(stderr_lines)[-2000:])
     return measure_memory(name, mode, args), "default XLA flags"
   return json.loads(lines[-1][len("RESULT "):]), MEMORY_XLA_FLAGS
 
@@ -228,7 +228,7 @@ def measure(name, mode, args):
   key = jax.random.key(2)
   table = steps(loss, qzo_loss, trainable, key, directions=args.directions,
                 distributions=args.distributions, block_size=args.block_size)
-  rows, inference, timed_again = [], {}, {}
+  rows, inference = [], {}  # reference step -> (memory, seconds, jitted, args)
   num_trainable = sum(leaf.size for leaf in jax.tree_util.tree_leaves(trainable))
   for step_name, (fn, extra, donate, calls, reference) in table.items():
     call_args = _step_args(step_name, trainable, extra, frozen, x, y)
@@ -245,9 +245,8 @@ def measure(name, mode, args):
                                     carry=carry)
     wall = time.perf_counter() - start
     if step_name == reference:
-      inference[reference] = (memory, seconds)
-      timed_again[reference] = (jitted, fresh)
-    base_memory, base_seconds = inference[reference]
+      inference[reference] = (memory, seconds, jitted, fresh)
+    base_memory, base_seconds = inference[reference][:2]
     row = dict(model=name, mode=mode, step=step_name, forward_calls=calls, reference=reference,
                argument_bytes=memory.argument, output_bytes=memory.output,
                temp_bytes=memory.temp, alias_bytes=memory.alias, total_bytes=memory.total,
@@ -261,9 +260,8 @@ def measure(name, mode, args):
   if not args.memory_only:
     # The first call timed in a process runs cold (it came out up to 1.6x slow): time each
     # inference again after the steps and divide by the faster of its two medians.
-    for reference, (jitted, fresh) in timed_again.items():
+    for reference, (_, first, jitted, fresh) in inference.items():
       again = profiling.time_step(jitted, *fresh, warmup=args.warmup, repeats=args.repeats)
-      first = inference[reference][1]
       print(f"{name:9s} {mode} {reference} timed again: {again * 1e3:.2f} ms "
             f"(first {first * 1e3:.2f} ms); ratios use the faster", flush=True)
       for row in rows:
@@ -307,8 +305,8 @@ def torch_rows(name, mode, args, ours):
   rows = []
   for m in args.directions:
     seconds = timings[str(m)]
-    # Against our rows with the first distribution asked for (the default, fast_gaussian, draws
-    # N(0, 1) as torch.randn does).
+    # Against our rows with the first distribution asked for (irwin_hall by default; pass
+    # fast_gaussian first to compare N(0, 1) draws like torch.randn's).
     tag = args.distributions[0]
     spsa = next(r for r in ours if r["step"] == f"spsa m={m} {tag}")
     fused_rows = [r for r in ours if r["step"].startswith(f"fused m={m} {tag}")]

@@ -353,10 +353,10 @@ def qzo_ff(
       return integer_weights(estimators.computed_after(after, params), state.weight_scale,
                              weight_bits)
 
-    w_q = integer_weights(params, state.weight_scale, weight_bits)
     center = None
     if sharpness_radius is not None:
-      center = sharpness_point(value_fn, w_q, state, params, step_key)
+      center = sharpness_point(value_fn, integer_weights(params, state.weight_scale, weight_bits),
+                               state, params, step_key)
     center_after = (lambda after: center) if center is not None else weights_after
     stacked = directions_for_step(state, params, step_key)
     minus_epsilon = jax.tree_util.tree_map(jnp.negative, state.epsilon_q)
@@ -404,6 +404,7 @@ def qzo_ff(
     g_q = jax.tree_util.tree_map(lambda t: fixed_point.round_divide(t, m).astype(g_dtype), total)
 
     rate = learning_rate(state.count) if callable(learning_rate) else learning_rate
+    w_q = weights_after(signs)
     factor = None
     if kernelwise:
       factor = jax.tree_util.tree_map(
@@ -412,7 +413,7 @@ def qzo_ff(
               fmt.scale * jnp.linalg.norm(g.astype(jnp.float32).ravel())),
           w_q, state.weight_scale, g_q)
     multiplier, shift = update_multiplier(rate, state.weight_scale, fmt, factor)
-    leaves, treedef = jax.tree_util.tree_flatten(weights_after(signs))
+    leaves, treedef = jax.tree_util.tree_flatten(w_q)
     rounding_key = estimators.direction_key(step_key, m + 1)
     new_leaves = []
     for index, (w, g, mult, sh) in enumerate(zip(leaves, treedef.flatten_up_to(g_q),

@@ -12,29 +12,12 @@ import pytest
 from fwdgrad import estimators
 from fwdgrad import fused
 from fwdgrad import profiling
+from problems import dense_problem
 from fwdgrad import transform
 
 
-class _MLP(nn.Module):
-
-  @nn.compact
-  def __call__(self, x):
-    x = nn.relu(nn.Dense(96)(x))
-    x = nn.relu(nn.Dense(64)(x))
-    return nn.Dense(5)(x)
-
-
 def _problem():
-  model = _MLP()
-  x = jax.random.normal(jax.random.key(1), (16, 200))
-  y = jnp.arange(16) % 5
-  params = model.init(jax.random.key(0), x)["params"]
-
-  def loss_fn(params, x, y):
-    logits = model.apply({"params": params}, x)
-    return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
-
-  return params, x, y, loss_fn
+  return dense_problem((96, 64))
 
 
 def _reference(loss_fn, params, key, learning_rate, **kwargs):

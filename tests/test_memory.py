@@ -15,28 +15,11 @@ import pytest
 
 import fwdgrad
 from fwdgrad import profiling
-
-
-class _Wide(nn.Module):
-
-  @nn.compact
-  def __call__(self, x):
-    x = nn.relu(nn.Dense(384)(x))
-    x = nn.relu(nn.Dense(256)(x))
-    return nn.Dense(5)(x)
+from problems import dense_problem
 
 
 def _problem():
-  model = _Wide()
-  x = jax.random.normal(jax.random.key(1), (16, 200))
-  y = jnp.arange(16) % 5
-  params = model.init(jax.random.key(0), x)["params"]
-
-  def loss_fn(params, x, y):
-    logits = model.apply({"params": params}, x)
-    return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
-
-  return params, x, y, loss_fn
+  return dense_problem((384, 256))
 
 
 def _optax_step_ratio(tx, params, x, y, loss_fn):
