@@ -180,7 +180,8 @@ def sharpness_aware_point(value_fn: Callable[[PyTree], jax.Array], params: PyTre
   step = radius / jnp.maximum(_global_norm(u), jnp.finfo(jnp.float32).tiny)
   plus = jax.tree_util.tree_map(lambda p, d: (p + step * d).astype(p.dtype), params, u)
   minus = jax.tree_util.tree_map(lambda p, d: (p - step * d).astype(p.dtype), params, u)
-  ascend_plus = value_fn(plus) >= value_fn(minus)
+  loss_plus = value_fn(plus)
+  ascend_plus = loss_plus >= estimators.call_apart(value_fn, minus, after=loss_plus)
   chosen = jax.tree_util.tree_map(lambda a, b: jnp.where(ascend_plus, a, b), plus, minus)
   return chosen, jnp.where(ascend_plus, 1, -1)
 
@@ -197,10 +198,12 @@ def spsa_grad_with_directions(value_fn: Callable[[PyTree], jax.Array], params: P
   def body(index, carry):
     loss_sum, grads = carry
     z = jax.tree_util.tree_map(lambda d: d[index], directions)
-    loss_plus = value_fn(jax.tree_util.tree_map(lambda p, d: (p + epsilon * d).astype(p.dtype),
-                                                params, z))
-    loss_minus = value_fn(jax.tree_util.tree_map(lambda p, d: (p - epsilon * d).astype(p.dtype),
-                                                 params, z))
+    loss_plus = estimators.call_apart(
+        value_fn, jax.tree_util.tree_map(lambda p, d: (p + epsilon * d).astype(p.dtype), params, z),
+        after=loss_sum)
+    loss_minus = estimators.call_apart(
+        value_fn, jax.tree_util.tree_map(lambda p, d: (p - epsilon * d).astype(p.dtype), params, z),
+        after=loss_plus)
     difference = (loss_plus - loss_minus).astype(jnp.float32)
     coefficient = jnp.sign(difference) if sign else difference / (2.0 * epsilon)
     grads = jax.tree_util.tree_map(lambda g, d: (g + coefficient / m * d).astype(g.dtype), grads, z)

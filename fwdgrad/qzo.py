@@ -310,8 +310,10 @@ def qzo_ff(
                     loss=jnp.zeros((), jnp.float32), weight_scale=scale, epsilon_q=epsilon_q,
                     previous_directions=previous)
 
-  def loss_at(value_fn, w_q, state, params):
-    return value_fn(_dequantized(w_q, state.weight_scale, params)).astype(jnp.float32)
+  def loss_at(value_fn, w_q, state, params, after):
+    # Each call compiled apart, so that XLA merges nothing across the 2m forward calls.
+    point = _dequantized(w_q, state.weight_scale, params)
+    return estimators.call_apart(value_fn, point, after=after).astype(jnp.float32)
 
   def perturb(w_q, coefficient_q, z_q):
     return jax.tree_util.tree_map(
@@ -328,8 +330,8 @@ def qzo_ff(
                            levels).astype(jnp.int32), state.weight_scale)
     w_plus = perturb(w_q, radius_q, u_q)
     w_minus = perturb(w_q, jax.tree_util.tree_map(jnp.negative, radius_q), u_q)
-    ascend_plus = loss_at(value_fn, w_plus, state, params) >= loss_at(value_fn, w_minus, state,
-                                                                       params)
+    loss_plus = loss_at(value_fn, w_plus, state, params, after=state.count)
+    ascend_plus = loss_plus >= loss_at(value_fn, w_minus, state, params, after=loss_plus)
     return jax.tree_util.tree_map(lambda a, b: jnp.where(ascend_plus, a, b), w_plus, w_minus)
 
   def directions_for_step(state, params, step_key):
@@ -372,10 +374,11 @@ def qzo_ff(
     def probe(index, carry):
       loss_sum, signs = carry
       loss_plus = loss_at(value_fn, perturb(center_after(loss_sum), state.epsilon_q,
-                                            direction(index, loss_sum)), state, params)
+                                            direction(index, loss_sum)), state, params,
+                          after=loss_sum)
       z_q = direction(index, loss_plus)
       w_minus = perturb(center_after(loss_plus), minus_epsilon, z_q)
-      loss_minus = loss_at(value_fn, w_minus, state, params)
+      loss_minus = loss_at(value_fn, w_minus, state, params, after=loss_plus)
       sign = jnp.sign(loss_plus - loss_minus).astype(jnp.int32)
       # Identical integer weights give identical losses on a chip, but XLA may sum the two calls
       # in different orders (a difference of ~1e-8): force sign(0) = 0 as the hardware would.
