@@ -173,12 +173,6 @@ def steps(loss, qzo_loss, trainable, key, *, directions, distributions, block_si
 MEMORY_XLA_FLAGS = "--xla_cpu_experimental_ynn_fusion_type="
 
 
-def _jit(step_name, fn, donate):
-  """The step jitted as a user would: the fused step with :data:`fused.COMPILER_OPTIONS`."""
-  options = fused.COMPILER_OPTIONS if step_name.startswith("fused") else None
-  return jax.jit(fn, donate_argnums=donate, compiler_options=options)
-
-
 def _step_args(step_name, trainable, extra, frozen, x, y):
   if step_name.startswith("inference"):
     return (trainable, frozen, x, y)
@@ -195,7 +189,7 @@ def measure_memory(name, mode, args):
   for step_name, (fn, extra, donate, _, _) in table.items():
     start = time.perf_counter()
     memories[step_name] = profiling.step_memory(
-        _jit(step_name, fn, donate), *_step_args(step_name, trainable, extra, frozen, x, y))._asdict()
+        fn, *_step_args(step_name, trainable, extra, frozen, x, y), donate_argnums=donate)._asdict()
     # Progress on stdout for the parent to echo: compiling a large model's steps takes minutes.
     print(f"compiled {name} {mode} {step_name} for memory in {time.perf_counter() - start:.0f}s",
           flush=True)
@@ -239,7 +233,7 @@ def measure(name, mode, args):
   for step_name, (fn, extra, donate, calls, reference) in table.items():
     call_args = _step_args(step_name, trainable, extra, frozen, x, y)
     memory = profiling.StepMemory(**memories[step_name])
-    jitted = _jit(step_name, fn, donate)
+    jitted = jax.jit(fn, donate_argnums=donate)
     fresh = jax.tree_util.tree_map(jnp.copy, call_args)
     carry = None
     if donate:

@@ -25,6 +25,7 @@ import math
 from typing import Any, Callable, Union
 
 import jax
+import jax.extend
 import jax.numpy as jnp
 
 PyTree = Any
@@ -254,18 +255,45 @@ def computed_after(value: jax.Array, tree: PyTree) -> PyTree:
   return jax.tree_util.tree_map(lambda leaf: leaf + negative_zero.astype(leaf.dtype), tree)
 
 
-def call_apart(fn: Callable[[PyTree], jax.Array], point: PyTree, *, after: jax.Array):
+def frozen_share(fn: Callable[[PyTree], jax.Array], point: PyTree) -> float:
+  """The share of the bytes ``fn(point)`` computes that do not depend on ``point``.
+
+  Read from ``fn``'s jaxpr: every value computed from ``point`` counts as moving, the rest as
+  frozen. Close to 1 when ``fn`` runs a frozen backbone under a trained head (linear probing),
+  close to 0 when every layer is trained.
+  """
+  closed = jax.make_jaxpr(fn)(point)
+  moving = set(closed.jaxpr.invars)
+  frozen_bytes = moving_bytes = 0
+  for eqn in closed.jaxpr.eqns:
+    size = sum(math.prod(v.aval.shape) * v.aval.dtype.itemsize
+               for v in eqn.outvars if hasattr(v.aval, "dtype"))
+    if any(isinstance(v, jax.extend.core.Var) and v in moving for v in eqn.invars):
+      moving.update(eqn.outvars)
+      moving_bytes += size
+    else:
+      frozen_bytes += size
+  return frozen_bytes / max(frozen_bytes + moving_bytes, 1)
+
+
+def call_apart(fn: Callable[[PyTree], jax.Array], point: PyTree, *, after: jax.Array) -> jax.Array:
   """``fn(point)``, compiled as a computation of its own and run once ``after`` is known.
 
   A step makes 2m forward calls of the same function. Inlined, XLA merges what they have in
-  common, constants included, across calls: a ReLU's zero, broadcast to the activation's shape,
-  is one buffer shared by every call, and XLA:CPU then writes it out in full and reads it in each
-  forward instead of generating it inside the layer (Conv4 at batch 32: 73 MiB of zeros, and the
-  two forwards of an SPSA step took 98 ms against 74 ms for two separate inference calls). Each
-  call goes into one branch of a :func:`jax.lax.cond` whose predicate is always true but not
-  known to XLA (built like :func:`fresh_key`), so nothing is merged across calls and a call
-  cannot start before ``after``. The other branch returns NaN and never runs.
+  common, constants included: a ReLU's zero, broadcast to the activation's shape, is one buffer
+  shared by every call, and XLA:CPU then writes it out in full and reads it in each forward
+  instead of generating it inside the layer (Conv4 at batch 32: 73 MiB of zeros, and the two
+  forwards of an SPSA step took 98 ms against 74 ms for two separate inference calls). Each call
+  goes into one branch of a :func:`jax.lax.cond` whose predicate is always true but not known to
+  XLA (built like :func:`fresh_key`), so nothing is merged across calls and a call cannot start
+  before ``after``. The other branch returns NaN and never runs.
+
+  Where most of ``fn``'s work does not depend on ``point`` (a frozen backbone: see
+  :func:`frozen_share`) the call stays inline: XLA then computes that part once for all 2m
+  calls, which is worth more than what merging costs.
   """
+  if frozen_share(fn, point) >= 0.5:
+    return fn(point)
   zero = (jnp.sum(jnp.asarray(after, jnp.float32)) * 0.0).astype(jnp.uint32)
   shapes = jax.eval_shape(fn, point)
   never = lambda point: jax.tree_util.tree_map(

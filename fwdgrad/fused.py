@@ -56,17 +56,6 @@ from fwdgrad import estimators
 PyTree = Any
 
 
-# The 2m forward calls of a step are one program to XLA, which merges what they have in common,
-# constants included: a ReLU's zero broadcast to the activation's shape becomes one buffer that
-# XLA:CPU writes out in full and every call reads (Conv4 at batch 32: 73 MiB of zeros; the step took
-# 1.32x its forward calls, 0.99x without the merge). The estimators put each call in a computation
-# of its own (:func:`fwdgrad.estimators.call_apart`); here that would copy the donated parameters,
-# which are updated in place between calls, so the step is compiled without XLA's
-# common-subexpression elimination instead. Pass these to ``jax.jit`` when jitting
-# :func:`fused_spsa_step` yourself; :func:`make_fused_train_step` does.
-COMPILER_OPTIONS = {"xla_disable_hlo_passes": "cse"}
-
-
 def blockwise_sampler(distribution: Union[str, estimators.Sampler] = estimators.DEFAULT_DISTRIBUTION,
                       block_size: int = 65536) -> estimators.Sampler:
   """A sampler that draws a leaf in flat blocks of ``block_size`` elements, one key per block.
@@ -218,8 +207,7 @@ def fused_spsa_step(
 
   Examples:
     >>> step = jax.jit(functools.partial(fused_spsa_step, loss_fn, learning_rate=1e-2,
-    ...                                  num_directions=3, sign=True), donate_argnums=0,
-    ...                compiler_options=fwdgrad.fused.COMPILER_OPTIONS)
+    ...                                  num_directions=3, sign=True), donate_argnums=0)
     >>> params, loss = step(params, jax.random.fold_in(key, t))
   """
   num_directions = estimators._check_num_directions(num_directions)
@@ -293,8 +281,8 @@ def make_fused_train_step(
     block_size: see :func:`fused_spsa_step`.
 
   Returns:
-    The jitted step, compiled with :data:`COMPILER_OPTIONS`. Its ``params`` argument is donated:
-    do not use the array passed in after the call, use the returned one.
+    The jitted step. Its ``params`` argument is donated: do not use the array passed in after the
+    call, use the returned one.
 
   Examples:
     >>> step = make_fused_train_step(loss_fn, learning_rate=1e-2, num_directions=3, sign=True)
@@ -313,4 +301,4 @@ def make_fused_train_step(
                            num_directions=num_directions, epsilon=epsilon,
                            distribution=distribution, sign=sign, block_size=block_size)
 
-  return jax.jit(step, donate_argnums=0, compiler_options=COMPILER_OPTIONS)
+  return jax.jit(step, donate_argnums=0)
