@@ -198,12 +198,10 @@ def spsa_grad_with_directions(value_fn: Callable[[PyTree], jax.Array], params: P
   def body(index, carry):
     loss_sum, grads = carry
     z = jax.tree_util.tree_map(lambda d: d[index], directions)
-    loss_plus = estimators.call_apart(
-        value_fn, jax.tree_util.tree_map(lambda p, d: (p + epsilon * d).astype(p.dtype), params, z),
-        after=loss_sum)
-    loss_minus = estimators.call_apart(
-        value_fn, jax.tree_util.tree_map(lambda p, d: (p - epsilon * d).astype(p.dtype), params, z),
-        after=loss_plus)
+    loss_plus = estimators.call_apart(value_fn, estimators._axpy(epsilon, z, params),
+                                      after=loss_sum)
+    loss_minus = estimators.call_apart(value_fn, estimators._axpy(-epsilon, z, params),
+                                       after=loss_plus)
     difference = (loss_plus - loss_minus).astype(jnp.float32)
     coefficient = jnp.sign(difference) if sign else difference / (2.0 * epsilon)
     grads = jax.tree_util.tree_map(lambda g, d: (g + coefficient / m * d).astype(g.dtype), grads, z)

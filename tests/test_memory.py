@@ -22,15 +22,19 @@ def _problem():
   return dense_problem((384, 256))
 
 
-def _optax_step_ratio(tx, params, x, y, loss_fn):
+def _optax_step_memory(tx, params, value_fn):
   def step(params, state):
-    updates, state = tx.update(params, state, params, value_fn=lambda p: loss_fn(p, x, y))
+    updates, state = tx.update(params, state, params, value_fn=value_fn)
     return optax.apply_updates(params, updates), state
 
-  inference = profiling.step_memory(loss_fn, params, x, y)
   with warnings.catch_warnings():
     warnings.simplefilter("ignore")  # Donated buffers that a small program cannot reuse.
-    memory = profiling.step_memory(step, params, tx.init(params), donate_argnums=(0, 1))
+    return profiling.step_memory(step, params, tx.init(params), donate_argnums=(0, 1))
+
+
+def _optax_step_ratio(tx, params, x, y, loss_fn):
+  inference = profiling.step_memory(loss_fn, params, x, y)
+  memory = _optax_step_memory(tx, params, lambda p: loss_fn(p, x, y))
   return profiling.memory_ratio(memory, inference)
 
 
@@ -147,13 +151,7 @@ def test_spsa_and_qzo_calls_share_no_activation_sized_constants(num_directions):
   for tx in (optax.chain(fwdgrad.forward_gradient("spsa", key=0, num_directions=num_directions),
                          optax.sgd(1e-2)),
              fwdgrad.qzo_ff(1e-3, key=0, num_directions=num_directions)):
-    def step(params, state, tx=tx):
-      updates, state = tx.update(params, state, params, value_fn=loss_fn)
-      return optax.apply_updates(params, updates), state
-
-    with warnings.catch_warnings():
-      warnings.simplefilter("ignore")
-      memory = profiling.step_memory(step, params, tx.init(params), donate_argnums=(0, 1))
+    memory = _optax_step_memory(tx, params, loss_fn)
     assert profiling.memory_ratio(memory, inference) < 4
 
 
