@@ -155,6 +155,18 @@ def test_spsa_and_qzo_calls_share_no_activation_sized_constants(num_directions):
     assert profiling.memory_ratio(memory, inference) < 4
 
 
+@pytest.mark.parametrize("num_directions", [1, 3])
+def test_fused_calls_share_no_activation_sized_constants(num_directions):
+  # The same for the fused step, whose two calls per direction were inline (26x here).
+  params, loss_fn, inference = _wide_problem()
+  step = lambda p, key: fwdgrad.fused_spsa_step(loss_fn, p, key, learning_rate=1e-2,
+                                                num_directions=num_directions)
+  with warnings.catch_warnings():
+    warnings.simplefilter("ignore")
+    memory = profiling.step_memory(step, params, jax.random.key(0), donate_argnums=(0,))
+  assert profiling.memory_ratio(memory, inference) <= 1.2
+
+
 def test_calls_share_a_frozen_backbone():
   # Linear probing: the backbone does not depend on the trained head, so the calls stay inline
   # and XLA computes it once per step instead of 2m times.
