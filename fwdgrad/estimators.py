@@ -284,6 +284,10 @@ def _frozen_share(closed) -> float:
   return frozen_bytes / max(frozen_bytes + moving_bytes, 1)
 
 
+# call_apart keeps the calls inline when at least this share of the loss's work is frozen.
+INLINE_FROZEN_SHARE = 0.5
+
+
 def call_apart(fn: Callable[[PyTree], jax.Array], point: PyTree, *, after: jax.Array) -> jax.Array:
   """``fn(point)``, compiled as a computation of its own and run once ``after`` is known.
 
@@ -301,7 +305,7 @@ def call_apart(fn: Callable[[PyTree], jax.Array], point: PyTree, *, after: jax.A
   calls, which is worth more than what merging costs.
   """
   closed, shapes = jax.make_jaxpr(fn, return_shape=True)(point)
-  if _frozen_share(closed) >= 0.5:
+  if _frozen_share(closed) >= INLINE_FROZEN_SHARE:
     return fn(point)
   never = lambda point: jax.tree_util.tree_map(
       lambda s: jnp.full(s.shape, jnp.nan if jnp.issubdtype(s.dtype, jnp.inexact) else 0, s.dtype),

@@ -223,7 +223,7 @@ def fused_spsa_step(
   # apart (see fwdgrad.estimators.call_apart: inlined, XLA merges their constants and Conv4 at
   # m = 1 took 1.31x its two forwards, against 1.01x). A frozen backbone is the exception: inline,
   # XLA computes it once for all 2m calls.
-  apart = estimators._frozen_share(jax.make_jaxpr(value)(leaves)) < 0.5
+  apart = estimators.frozen_share(value, leaves) < estimators.INLINE_FROZEN_SHARE
 
   def probe(index, leaves, after):
     """Losses at ``w ± εz_index``; returns the leaves moved to ``w - εz_index``."""
