@@ -181,7 +181,13 @@ def sharpness_aware_point(value_fn: Callable[[PyTree], jax.Array], params: PyTre
   plus = jax.tree_util.tree_map(lambda p, d: (p + step * d).astype(p.dtype), params, u)
   minus = jax.tree_util.tree_map(lambda p, d: (p - step * d).astype(p.dtype), params, u)
   loss_plus = value_fn(plus)
-  ascend_plus = loss_plus >= estimators.call_apart(value_fn, minus, after=loss_plus)
+
+  def loss_minus(params):
+    # Built inside the call, so that no perturbed copy of the parameters goes into it.
+    u = estimators.sample_direction(key, params, distribution)
+    return value_fn(jax.tree_util.tree_map(lambda p, d: (p - step * d).astype(p.dtype), params, u))
+
+  ascend_plus = loss_plus >= estimators.call_apart(loss_minus, params, after=loss_plus)
   chosen = jax.tree_util.tree_map(lambda a, b: jnp.where(ascend_plus, a, b), plus, minus)
   return chosen, jnp.where(ascend_plus, 1, -1)
 
@@ -198,10 +204,17 @@ def spsa_grad_with_directions(value_fn: Callable[[PyTree], jax.Array], params: P
   def body(index, carry):
     loss_sum, grads = carry
     z = jax.tree_util.tree_map(lambda d: d[index], directions)
-    loss_plus = estimators.call_apart(value_fn, estimators._axpy(epsilon, z, params),
-                                      after=loss_sum)
-    loss_minus = estimators.call_apart(value_fn, estimators._axpy(-epsilon, z, params),
-                                       after=loss_plus)
+
+    def perturbed(scale):
+      def loss_at(operands):
+        # The point is built inside the call from what is stored already (see call_apart).
+        params, directions = operands
+        z = jax.tree_util.tree_map(lambda d: d[index], directions)
+        return value_fn(estimators._axpy(scale, z, params))
+      return loss_at
+
+    loss_plus = estimators.call_apart(perturbed(epsilon), (params, directions), after=loss_sum)
+    loss_minus = estimators.call_apart(perturbed(-epsilon), (params, directions), after=loss_plus)
     difference = (loss_plus - loss_minus).astype(jnp.float32)
     coefficient = jnp.sign(difference) if sign else difference / (2.0 * epsilon)
     grads = jax.tree_util.tree_map(lambda g, d: (g + coefficient / m * d).astype(g.dtype), grads, z)

@@ -303,6 +303,14 @@ def call_apart(fn: Callable[[PyTree], jax.Array], point: PyTree, *, after: jax.A
   Where most of ``fn``'s work does not depend on ``point`` (a frozen backbone: see
   :func:`frozen_share`) the call stays inline: XLA then computes that part once for all 2m
   calls, which is worth more than what merging costs.
+
+  ``point`` is what crosses into the call, and XLA writes a branch's operands out in full: pass
+  buffers that exist anyway (the parameters) and small values (a key), and let ``fn`` build the
+  perturbed point from them. Passing ``w + εz`` itself costs a parameter-sized buffer
+  (ResNet18 at batch 32: an SPSA step at 1.38x inference memory instead of 1.00x). Values ``fn``
+  closes over are passed the same way, and :func:`frozen_share` sees only ``point`` as moving.
+  Inside a rolled loop (more than 8 directions) XLA still copies the loop-invariant parameters
+  once on their way into the call.
   """
   closed, shapes = jax.make_jaxpr(fn, return_shape=True)(point)
   if _frozen_share(closed) >= INLINE_FROZEN_SHARE:
@@ -451,13 +459,20 @@ def spsa_grad(
   _check_params(params)
   sampler = get_sampler(distribution)
 
+  def perturbed(scale):
+    def loss_at(operands):
+      # The point is built inside the call: only the parameters and a key go into it.
+      params, direction = operands
+      return value_fn(_axpy(scale, sample_direction(direction, params, sampler), params))
+    return loss_at
+
   def probe(index, carry):
     loss_sum, coefficients = carry
     direction = direction_key(key, index)
-    z = sample_direction(fresh_key(direction, loss_sum), params, sampler)
-    loss_plus = call_apart(value_fn, _axpy(epsilon, z, params), after=loss_sum)
-    z = sample_direction(fresh_key(direction, loss_plus), params, sampler)
-    loss_minus = call_apart(value_fn, _axpy(-epsilon, z, params), after=loss_plus)
+    loss_plus = call_apart(perturbed(epsilon), (params, fresh_key(direction, loss_sum)),
+                           after=loss_sum)
+    loss_minus = call_apart(perturbed(-epsilon), (params, fresh_key(direction, loss_plus)),
+                            after=loss_plus)
     difference = (loss_plus - loss_minus).astype(jnp.float32)
     coefficient = jnp.sign(difference) if sign else difference / (2.0 * epsilon)
     loss_sum = loss_sum + 0.5 * (loss_plus + loss_minus).astype(jnp.float32)

@@ -310,10 +310,18 @@ def qzo_ff(
                     loss=jnp.zeros((), jnp.float32), weight_scale=scale, epsilon_q=epsilon_q,
                     previous_directions=previous)
 
-  def loss_at(value_fn, w_q, state, params, after):
-    # Each call compiled apart, so that XLA merges nothing across the 2m forward calls.
-    point = _dequantized(w_q, state.weight_scale, params)
-    return estimators.call_apart(value_fn, point, after=after).astype(jnp.float32)
+  def loss_at(value_fn, point_q, operands, state, params, after):
+    """``L`` at the dequantized ``point_q(params, operands)``, one call compiled apart.
+
+    The integer point is built inside the call, so that only the parameters and what is already
+    stored (a key, the sharpness-aware centre, stacked directions) go into it: XLA merges nothing
+    across the 2m forward calls and writes no perturbed copy of the parameters out in full (see
+    fwdgrad.estimators.call_apart).
+    """
+    def call(inputs):
+      params, operands = inputs
+      return value_fn(_dequantized(point_q(params, operands), state.weight_scale, params))
+    return estimators.call_apart(call, (params, operands), after=after).astype(jnp.float32)
 
   def perturb(w_q, coefficient_q, z_q):
     return jax.tree_util.tree_map(
@@ -328,10 +336,20 @@ def qzo_ff(
     radius_q = jax.tree_util.tree_map(
         lambda s: jnp.clip(jnp.round(sharpness_radius / (s * fmt.scale * norm_q)), 0,
                            levels).astype(jnp.int32), state.weight_scale)
+    minus_radius_q = jax.tree_util.tree_map(jnp.negative, radius_q)
+
+    def side(radius_q):
+      def point_q(params, key):
+        u_q = sample_quantized_direction(key, params, fmt, float_sampler)
+        return perturb(integer_weights(params, state.weight_scale, weight_bits), radius_q, u_q)
+      return point_q
+
+    key = estimators.direction_key(step_key, m)
+    loss_plus = loss_at(value_fn, side(radius_q), key, state, params, after=state.count)
+    ascend_plus = loss_plus >= loss_at(value_fn, side(minus_radius_q), key, state, params,
+                                       after=loss_plus)
     w_plus = perturb(w_q, radius_q, u_q)
-    w_minus = perturb(w_q, jax.tree_util.tree_map(jnp.negative, radius_q), u_q)
-    loss_plus = loss_at(value_fn, w_plus, state, params, after=state.count)
-    ascend_plus = loss_plus >= loss_at(value_fn, w_minus, state, params, after=loss_plus)
+    w_minus = perturb(w_q, minus_radius_q, u_q)
     return jax.tree_util.tree_map(lambda a, b: jnp.where(ascend_plus, a, b), w_plus, w_minus)
 
   def directions_for_step(state, params, step_key):
@@ -371,14 +389,29 @@ def qzo_ff(
           estimators.fresh_key(estimators.direction_key(step_key, index), after), params, fmt,
           float_sampler)
 
+    def perturbed(index, epsilon_q):
+      """``point_q`` for ``loss_at``: ``w_q + ε_q z_q`` of direction ``index``."""
+      def point_q(params, operands):
+        center, stacked, key, after = operands
+        w_q = center if center is not None else integer_weights(
+            estimators.computed_after(after, params), state.weight_scale, weight_bits)
+        if stacked is not None:
+          z_q = jax.tree_util.tree_map(lambda z: z[index], stacked)
+        else:
+          z_q = sample_quantized_direction(key, params, fmt, float_sampler)
+        return perturb(w_q, epsilon_q, z_q)
+      return point_q
+
+    def operands(index, after):
+      return (center, stacked,
+              estimators.fresh_key(estimators.direction_key(step_key, index), after), after)
+
     def probe(index, carry):
       loss_sum, signs = carry
-      loss_plus = loss_at(value_fn, perturb(center_after(loss_sum), state.epsilon_q,
-                                            direction(index, loss_sum)), state, params,
-                          after=loss_sum)
-      z_q = direction(index, loss_plus)
-      w_minus = perturb(center_after(loss_plus), minus_epsilon, z_q)
-      loss_minus = loss_at(value_fn, w_minus, state, params, after=loss_plus)
+      loss_plus = loss_at(value_fn, perturbed(index, state.epsilon_q),
+                          operands(index, loss_sum), state, params, after=loss_sum)
+      loss_minus = loss_at(value_fn, perturbed(index, minus_epsilon),
+                           operands(index, loss_plus), state, params, after=loss_plus)
       sign = jnp.sign(loss_plus - loss_minus).astype(jnp.int32)
       # Identical integer weights give identical losses on a chip, but XLA may sum the two calls
       # in different orders (a difference of ~1e-8): force sign(0) = 0 as the hardware would.
