@@ -93,6 +93,9 @@ def setup(name, batch, precision, num_classes, mode):
   y = jnp.arange(batch) % num_classes
   variables = model.init(jax.random.key(0), x[:1])
   variables = jax.tree_util.tree_map(jnp.asarray, dict(variables))
+  # The fixed-point model's static scales, calibrated once on the batch (the "quant" collection).
+  from fwdgrad import models  # pylint: disable=g-import-not-at-top
+  scales = models.calibrate(quantized, variables, x, train=False).get(models.layers.QUANT, {})
   params = dict(variables.pop("params"))
   if mode == "ft":
     trainable, frozen = params, {"variables": variables, "params": {}}
@@ -107,7 +110,10 @@ def setup(name, batch, precision, num_classes, mode):
         params = trainable
       else:
         params["head"] = trainable
-      logits = model.apply({"params": params, **frozen["variables"]}, x, train=False)
+      collections = dict(frozen["variables"])
+      if model is quantized and scales:
+        collections[models.layers.QUANT] = scales
+      logits = model.apply({"params": params, **collections}, x, train=False)
       return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
     return loss
 

@@ -7,6 +7,8 @@ Fixed point
   ``quantize`` / ``dequantize``  floats <-> (int8/int16/int32 array, scale).
   ``compute_scale``          the step size Δ of a format ("max", "mse", "static", "pow2").
   ``fixed_point_weights``    optax transform keeping any optimizer's params on a weight grid.
+  ``weight_scales``          the weight grids (Δ_w per leaf) that ``qzo_ff``, ``fixed_point_weights``
+                             and a calibrated model share; a zero leaf gets its layer's range.
 
 Estimators, shaped like ``jax.value_and_grad``
   ``jvp_grad``               forward gradient (∇f·z) z with ``jax.jvp``.
@@ -18,7 +20,8 @@ Estimators, shaped like ``jax.value_and_grad``
 
 Optax transforms (pass ``value_fn=loss_fn`` to ``update``)
   ``forward_gradient``       the estimate as a GradientTransformationExtraArgs; chain any optimizer.
-  ``qzo_ff``                 the paper's integer QZO-FF step (16-bit weights, 8-bit z and g).
+  ``qzo_ff``                 the paper's integer QZO-FF step (16-bit weights, 8-bit z and g);
+                             ``FrozenLeafWarning`` names leaves it cannot perturb or move.
   ``enhanced_forward_gradient``  sign-m-SPSA with momentum-guided sampling / sharpness-aware
                              perturbation; ``MomentumGuidedSampling`` configures the former.
   ``kernelwise_normalize``, ``masked_update``, ``sparse_update_mask``, ``binomial_sampler``.
@@ -46,7 +49,7 @@ Experiments
   ``train_and_evaluate(config, workdir)``  what ``train.py`` runs; ``default_config()``.
 
 Sub-packages: ``fwdgrad.models`` (``get_model``, ``Precision``, quantized layers, backbones,
-checkpoint import) and ``fwdgrad.data`` (``load_dataset``, few-shot episodes).
+``calibrate`` and ``weight_scales`` for a fixed-point model's static scales, checkpoint import) and ``fwdgrad.data`` (``load_dataset``, few-shot episodes).
 """
 
 from fwdgrad import data
@@ -73,6 +76,7 @@ from fwdgrad.fewshot import protonet_logits
 from fwdgrad.fewshot import prototypes
 from fwdgrad.fewshot import simpleshot_logits
 from fwdgrad.fixed_point import fixed_point_weights
+from fwdgrad.fixed_point import weight_scales
 from fwdgrad.fused import blockwise_sampler
 from fwdgrad.fused import fused_spsa_step
 from fwdgrad.fused import make_fused_train_step
@@ -93,6 +97,7 @@ from fwdgrad.quant import compute_scale
 from fwdgrad.quant import dequantize
 from fwdgrad.quant import fake_quant
 from fwdgrad.quant import quantize
+from fwdgrad.qzo import FrozenLeafWarning
 from fwdgrad.qzo import QZOState
 from fwdgrad.qzo import qzo_ff
 from fwdgrad.train_lib import train_and_evaluate
@@ -104,6 +109,7 @@ __version__ = "0.1.0"
 __all__ = (
     "DISTRIBUTIONS",
     "ForwardGradientState",
+    "FrozenLeafWarning",
     "LinearHead",
     "MomentumGuidedSampling",
     "QZOState",
@@ -150,4 +156,5 @@ __all__ = (
     "step_memory",
     "time_step",
     "train_and_evaluate",
+    "weight_scales",
 )

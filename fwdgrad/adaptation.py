@@ -66,7 +66,8 @@ def make_optimizer(name: str, learning_rate: float) -> optax.GradientTransformat
   raise ValueError(f"unknown optimizer {name!r}; expected one of {OPTIMIZERS}.")
 
 
-def make_transform(method, key: jax.Array) -> optax.GradientTransformationExtraArgs:
+def make_transform(method, key: jax.Array,
+                   weight_scale=None) -> optax.GradientTransformationExtraArgs:
   """The optax transformation of a method config (see :data:`METHOD_KINDS`).
 
   The paper's enhancements (Sec. 3.4) are method fields: ``momentum`` (momentum-guided sampling
@@ -77,6 +78,8 @@ def make_transform(method, key: jax.Array) -> optax.GradientTransformationExtraA
   (:func:`fwdgrad.kernelwise_normalize` before the optimizer) and ``qzo_ff``. The 90%-sparse
   update is ``config.adapt.sparsity`` (a partition of the parameters, for every method).
   ``distribution="binomial"`` is the paper's name for Rademacher (±1) perturbations.
+  ``weight_scale`` is the grid of a calibrated fixed-point model for ``qzo_ff``
+  (:func:`fwdgrad.models.weight_scales`, shaped like the trained params).
 
   Examples:
     >>> method = experiment.method("spsa", sharpness_radius=0.05, kernelwise=True)
@@ -105,11 +108,13 @@ def make_transform(method, key: jax.Array) -> optax.GradientTransformationExtraA
     return optax.chain(estimate, *normalize,
                        make_optimizer(method.optimizer, method.learning_rate))
   if kind == "qzo_ff":
-    weight_bits = models.Precision.parse(method.precision).weight_bits or 16
+    precision = models.Precision.parse(method.precision)
     return fwdgrad.qzo_ff(method.learning_rate, key=key, num_directions=method.num_directions,
-                          epsilon=method.epsilon, weight_bits=weight_bits,
+                          epsilon=method.epsilon, weight_bits=precision.weight_bits or 16,
                           distribution=distribution, momentum=momentum,
-                          sharpness_radius=radius, kernelwise=kernelwise)
+                          sharpness_radius=radius, kernelwise=kernelwise,
+                          axis=-1 if precision.per_channel else None,
+                          weight_scale=weight_scale)
   raise ValueError(f"unknown method kind {kind!r}; expected one of {METHOD_KINDS}.")
 
 
@@ -119,6 +124,23 @@ def _reported_loss(opt_state) -> Optional[jax.Array]:
     if hasattr(leaf, "loss"):
       return leaf.loss
   return None
+
+
+def _trainable_scales(scales, frozen):
+  """The weight grids of the trained part of a :func:`fwdgrad.adapt.partition` (None if frozen).
+
+  A whole trained leaf keeps its scale; a sparse one gets the scale of each selected entry.
+  """
+  def pick(frozen_leaf, scale):
+    if frozen_leaf is None:
+      return scale
+    if isinstance(frozen_leaf, adapt.SparseLeaf):
+      if scale is None or jnp.size(scale) == 1:
+        return None if scale is None else jnp.reshape(scale, ())
+      return jnp.ravel(jnp.broadcast_to(scale, jnp.shape(frozen_leaf.base)))[frozen_leaf.indices]
+    return None
+  return jax.tree_util.tree_map(pick, frozen, scales,
+                                is_leaf=lambda x: x is None or isinstance(x, adapt.SparseLeaf))
 
 
 def _batched_features(apply_fn, params, inputs, batch_size: int):
@@ -146,10 +168,15 @@ class Adapter:
     num_classes: ways of the tasks.
     seed: for the sparse random mask and the method's keys.
     base_mean: SimpleShot's centring feature (mean base-class feature), optional.
+    calibration_inputs: examples that fix the static scales of a fixed-point backbone once
+      (pre-training data, :func:`fwdgrad.models.calibrate` with ``adapt_config.calibration``);
+      ``None``: each task's support set calibrates it. A fixed-point head is calibrated on the
+      support features of each task.
   """
 
   def __init__(self, model_name: str, model_kwargs: dict, variables: dict, method, adapt_config,
-               num_classes: int, seed: int, base_mean: Optional[np.ndarray] = None):
+               num_classes: int, seed: int, base_mean: Optional[np.ndarray] = None,
+               calibration_inputs: Optional[np.ndarray] = None):
     self.method = method
     self.config = adapt_config
     self.num_classes = num_classes
@@ -159,6 +186,10 @@ class Adapter:
     self.batch_stats = variables.get("batch_stats", {})
     self.base_mean = None if base_mean is None else jnp.asarray(base_mean)
     params = variables["params"]
+    self.fixed_point = not models.Precision.parse(method.precision).is_float
+    self.quant = None  # The backbone's static scales; None: calibrated on each support set.
+    if self.fixed_point and calibration_inputs is not None:
+      self.quant = self._calibrate(params, jnp.asarray(calibration_inputs))
     mode, head = adapt_config.mode, adapt_config.head
     if mode == "lp":
       self.trainable_backbone, self.frozen = {}, params
@@ -175,9 +206,21 @@ class Adapter:
                                    hidden=adapt_config.head_hidden or None, dense=dense)
     self._run = jax.jit(self._adapt_and_evaluate)
 
-  def features(self, backbone_params, inputs):
-    apply = lambda p, x: self.model.apply({"params": p, "batch_stats": self.batch_stats}, x,
-                                          train=False)
+  def _calibrate(self, params, inputs):
+    variables = {"params": params, "batch_stats": self.batch_stats}
+    calibrated = models.calibrate(self.model, variables, inputs, method=self.config.calibration,
+                                  batch_size=self.config.eval_batch_size, train=False)
+    return calibrated.get(models.layers.QUANT, {})
+
+  def _variables(self, backbone_params, quant):
+    variables = {"params": backbone_params, "batch_stats": self.batch_stats}
+    if quant:
+      variables[models.layers.QUANT] = quant
+    return variables
+
+  def features(self, backbone_params, inputs, quant=None):
+    quant = self.quant if quant is None else quant
+    apply = lambda p, x: self.model.apply(self._variables(p, quant), x, train=False)
     return _batched_features(apply, backbone_params, inputs, self.config.eval_batch_size)
 
   def _init_head(self, key, support_features, support_labels):
@@ -189,6 +232,20 @@ class Adapter:
       head = {"dense_0": {"kernel": (2.0 * protos.T).astype(support_features.dtype),
                           "bias": -jnp.sum(protos ** 2, axis=-1).astype(support_features.dtype)}}
     return head
+
+  def _head_quant(self, head, support_features):
+    """The head's static scales, calibrated on the support features (none in float)."""
+    if not self.fixed_point:
+      return {}
+    calibrated = models.calibrate(self.head, {"params": head}, support_features, batch_size=None,
+                                  method=self.config.calibration)
+    return calibrated.get(models.layers.QUANT, {})
+
+  def _head_apply(self, head, head_quant, features):
+    variables = {"params": head}
+    if head_quant:
+      variables[models.layers.QUANT] = head_quant
+    return self.head.apply(variables, features)
 
   def _temperature(self, features) -> float:
     """Softmax temperature of the episode loss (predictions do not depend on it).
@@ -214,14 +271,19 @@ class Adapter:
     simpleshot = dict(method="simpleshot", mean=self.base_mean)
     episode_kwargs = simpleshot if head_name == "simpleshot" else dict(method="protonet")
 
+    initial_backbone = frozen if mode == "lp" else backbone(trainable_backbone)
+    quant = self.quant
+    if self.fixed_point and quant is None:  # Static scales from this task's support set.
+      quant = self._calibrate(initial_backbone, xs)
+
     if mode == "lp":  # The backbone is frozen: its features are computed once.
-      support_features = self.features(frozen, xs)
-      query_features = self.features(frozen, xq)
+      support_features = self.features(frozen, xs, quant)
+      query_features = self.features(frozen, xq, quant)
 
     def features_of(trainable, inputs, index=slice(None)):
       if mode == "lp":
         return (support_features if inputs is xs else query_features)[index]
-      return self.features(backbone(trainable["backbone"]), inputs[index])
+      return self.features(backbone(trainable["backbone"]), inputs[index], quant)
 
     def batch(step):
       size = self.config.batch_size
@@ -234,7 +296,7 @@ class Adapter:
       labels = ys[index]
       feats = features_of(trainable, xs, index)
       if self.parametric_head:
-        logits = self.head.apply({"params": trainable["head"]}, feats)
+        logits = self._head_apply(trainable["head"], head_quant, feats)
         if head_name == "linear":  # Started as the ProtoNets classifier: same temperature.
           logits = logits / self._temperature(feats)
         return optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
@@ -243,12 +305,23 @@ class Adapter:
                                   **episode_kwargs)
 
     trainable = {"backbone": trainable_backbone}
+    head_quant = {}
     if self.parametric_head:
-      trainable["head"] = self._init_head(head_key, features_of(trainable, xs), ys)
+      support_features = features_of(trainable, xs)
+      trainable["head"] = self._init_head(head_key, support_features, ys)
+      head_quant = self._head_quant(trainable["head"], support_features)
 
     losses = jnp.zeros((0,), jnp.float32)
     if self.steps:
-      tx = make_transform(self.method, method_key)
+      weight_scale = None
+      if self.method.kind == "qzo_ff" and self.fixed_point:
+        # One grid: QZO-FF trains the kernels on the grids the forward reads.
+        full = models.weight_scales({"params": initial_backbone, models.layers.QUANT: quant})
+        weight_scale = {"backbone": {} if mode == "lp" else _trainable_scales(full, frozen)}
+        if self.parametric_head:
+          weight_scale["head"] = models.weight_scales({"params": trainable["head"],
+                                                       models.layers.QUANT: head_quant})
+      tx = make_transform(self.method, method_key, weight_scale)
 
       def step(carry, index):
         params, opt_state = carry
@@ -266,7 +339,7 @@ class Adapter:
 
     if self.parametric_head:
       feats = features_of(trainable, xq)
-      predictions = jnp.argmax(self.head.apply({"params": trainable["head"]}, feats), -1)
+      predictions = jnp.argmax(self._head_apply(trainable["head"], head_quant, feats), -1)
       accuracy = jnp.mean((predictions == yq).astype(jnp.float32))
     else:
       accuracy = fewshot.episode_accuracy(features_of(trainable, xs), ys, features_of(

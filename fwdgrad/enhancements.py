@@ -68,6 +68,7 @@ import jax.numpy as jnp
 import optax
 
 from fwdgrad import estimators
+from fwdgrad import fixed_point
 from fwdgrad import transform
 
 PyTree = Any
@@ -150,6 +151,16 @@ def momentum_guided_directions(step_key: jax.Array, previous: PyTree, count, par
 def _global_norm(tree: PyTree) -> jax.Array:
   return jnp.sqrt(sum(jnp.sum(jnp.square(x.astype(jnp.float32)))
                       for x in jax.tree_util.tree_leaves(tree)))
+
+
+def floored_norm(w: jax.Array, floor) -> jax.Array:
+  """``‖w‖``, or ``floor`` where ``‖w‖`` is below ``2^-15 · floor`` (a zero leaf).
+
+  Kernel-wise normalization scales a leaf's step by its norm, so a zero leaf would never move;
+  ``floor`` is its range (the one :func:`fwdgrad.fixed_point.weight_ranges` gives it).
+  """
+  norm = jnp.linalg.norm(jnp.ravel(w).astype(jnp.float32))
+  return jnp.where(norm < fixed_point.NEAR_ZERO * floor, floor, norm)
 
 
 def safe_ratio(numerator, denominator):
@@ -324,7 +335,9 @@ def kernelwise_normalize() -> optax.GradientTransformation:
      \\hat g(w^i) \\leftarrow \\hat g(w^i) \\frac{\\lVert w^i \\rVert}{\\lVert \\hat g(w^i) \\rVert}
 
   Put it right after the estimator and before the optimizer (``optax.sgd(η)`` then moves each
-  layer by ``η ‖w^i‖``). A zero update leaf stays zero.
+  layer by ``η ‖w^i‖``). A zero update leaf stays zero. A zero weight leaf (a zero-initialised
+  bias) would never move: it uses its layer's range instead of its norm
+  (:func:`fwdgrad.fixed_point.weight_ranges`).
 
   Examples:
     >>> tx = optax.chain(fwdgrad.forward_gradient("spsa", key=0, sign=True),
@@ -338,11 +351,12 @@ def kernelwise_normalize() -> optax.GradientTransformation:
     if params is None:
       raise ValueError("kernelwise_normalize.update needs params (the weight norms): call "
                        "tx.update(updates, state, params).")
-    def one(u, w):
-      factor = safe_ratio(jnp.linalg.norm(w.astype(jnp.float32).ravel()),
+    def one(u, w, w_max):
+      factor = safe_ratio(floored_norm(w, jnp.max(w_max)),
                           jnp.linalg.norm(u.astype(jnp.float32).ravel()))
       return (u * factor).astype(u.dtype)
-    return jax.tree_util.tree_map(one, updates, params), state
+    ranges = fixed_point.weight_ranges(params)
+    return jax.tree_util.tree_map(one, updates, params, ranges), state
 
   return optax.GradientTransformation(init_fn, update_fn)
 

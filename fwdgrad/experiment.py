@@ -131,6 +131,10 @@ def default_config() -> ml_collections.ConfigDict:
   config.adapt.eval_batch_size = 256
   config.adapt.head_hidden = 0        # LP-3 hidden width (0: the feature width)
   config.adapt.temperature = 0.0      # episode-loss temperature (0: automatic, see Adapter)
+  # Static scales of fixed-point methods (fwdgrad.models.calibrate): "max", "percentile", "mse",
+  # from this many pre-training examples (the task's support set when there are none).
+  config.adapt.calibration = "max"
+  config.adapt.calibration_examples = 256
 
   config.methods = ml_collections.ConfigDict()
   config.methods.zero_shot = method("zero_shot")
@@ -191,6 +195,8 @@ def validate_config(config) -> ml_collections.ConfigDict:
   _positive("config.pretrain.log_every", full.pretrain.log_every)
   _positive("config.pretrain.checkpoint_every", full.pretrain.checkpoint_every)
   _positive("config.adapt.eval_batch_size", adapt.eval_batch_size)
+  _allowed("config.adapt.calibration", adapt.calibration, models.CALIBRATION_METHODS)
+  _positive("config.adapt.calibration_examples", adapt.calibration_examples)
   if full.pretrain.checkpoint_every % full.pretrain.log_every:
     raise ConfigError("config.pretrain.checkpoint_every must be a multiple of "
                      f"config.pretrain.log_every ({full.pretrain.log_every}).")

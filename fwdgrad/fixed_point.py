@@ -196,8 +196,8 @@ def fixed_point_weights(
      -(2^{b-1}-1),\\, 2^{b-1}-1\\big) - w
 
   ``Δ`` is computed from the parameters given to ``init`` (the pre-trained weights) with
-  :func:`fwdgrad.compute_scale` and kept fixed, so the integer weights ``round(w / Δ)`` keep one
-  format for the whole run. An update smaller than ``Δ/2`` is lost with ``"nearest"`` rounding and
+  :func:`weight_scales` (which gives a zero leaf the range of its layer, see :func:`weight_ranges`)
+  and kept fixed, so the integer weights ``round(w / Δ)`` keep one format for the whole run. An update smaller than ``Δ/2`` is lost with ``"nearest"`` rounding and
   kept in expectation with ``"stochastic"`` rounding (``floor(x/Δ + U[0,1))``, unbiased).
 
   ``optax.apply_updates`` adds ``u'`` in float32, which can be one ulp off ``Δ·k``; the integer
@@ -232,9 +232,7 @@ def fixed_point_weights(
   base_key = transform.as_key(key if key is not None else 0)
 
   def init_fn(params):
-    scale = jax.tree_util.tree_map(
-        lambda p: quant.compute_scale(p, bits, axis=leaf_axis(p, axis), scale_method=scale_method),
-        params)
+    scale = weight_scales(params, bits, axis=axis, scale_method=scale_method)
     return FixedPointWeightsState(scale=scale, key=base_key, count=jnp.zeros((), jnp.int32))
 
   def update_fn(updates, state, params=None):
@@ -255,6 +253,93 @@ def fixed_point_weights(
     return new_updates, state._replace(count=optax.safe_increment(state.count))
 
   return optax.GradientTransformation(init_fn, update_fn)
+
+
+# A leaf (or channel) whose range is below this fraction of its layer's range counts as zero: it
+# is smaller than one 16-bit step of the layer's grid, so its own grid could not let it train.
+NEAR_ZERO = 2.0 ** -15
+
+
+def _group_by_parent(params: PyTree):
+  """Leaves with their path, grouped by parent (a module's leaves are one group)."""
+  leaves_with_path, treedef = jax.tree_util.tree_flatten_with_path(params)
+  groups: dict = {}
+  for index, (path, _) in enumerate(leaves_with_path):
+    groups.setdefault(tuple(path[:-1]), []).append(index)
+  return leaves_with_path, treedef, groups
+
+
+def _fan_in(leaves) -> int:
+  """The fan-in of a layer: the input size of its largest kernel (1 for a layer of vectors)."""
+  kernels = [jnp.shape(leaf) for leaf in leaves if jnp.ndim(leaf) >= 2]
+  if not kernels:
+    return 1
+  shape = max(kernels, key=lambda s: math.prod(s))
+  return max(1, math.prod(shape[:-1]))
+
+
+def _max_abs(leaf, axis: Optional[int]) -> jax.Array:
+  leaf = jnp.abs(jnp.asarray(leaf, jnp.float32))
+  if axis is None:
+    return jnp.max(leaf) if leaf.size else jnp.zeros((), jnp.float32)
+  axis = axis % leaf.ndim
+  return jnp.max(leaf, axis=tuple(a for a in range(leaf.ndim) if a != axis), keepdims=True)
+
+
+def weight_ranges(params: PyTree, *, axis: Optional[int] = None, scale_method: str = "max",
+                  bits: int = 16) -> PyTree:
+  """``w_max`` per leaf (per channel along ``axis``), with no zero range: the grid rule of training.
+
+  A leaf's range is its max-abs (or the ``"mse"`` / ``"pow2"`` range of
+  :func:`fwdgrad.compute_scale`). A leaf or channel whose range is zero or below
+  :data:`NEAR_ZERO` times its layer's range (a zero-initialised bias, a LayerNorm bias, an all-zero
+  new head) would get no usable grid: ``Δ_w`` = 1 and ``ε_q = 0``, so it would never train. It
+  takes instead the range of its layer (the largest range among the leaves that share its parent
+  in the pytree, e.g. the kernel beside a bias) or, when the whole layer is zero, PyTorch's default
+  init bound ``1/sqrt(fan_in)`` (``fan_in`` from the layer's kernel; 1 for a layer of vectors).
+
+  Ranges are fixed from the weights given (the pre-trained ones): training never moves a weight
+  past its leaf's range, since the integers saturate there.
+
+  Returns:
+    A pytree like ``params`` of float32 ranges, scalars or per-channel (size 1 on other axes).
+  """
+  leaves_with_path, treedef, groups = _group_by_parent(params)
+  out = [None] * len(leaves_with_path)
+  for indices in groups.values():
+    leaves = [leaves_with_path[i][1] for i in indices]
+    raw = [quant.compute_scale(leaf, bits, axis=leaf_axis(leaf, axis), scale_method=scale_method)
+           * quant.qmax(bits) for leaf in leaves]
+    # compute_scale gives Δ = 1 for an all-zero leaf: read its true max-abs for the zero test.
+    true_max = [_max_abs(leaf, leaf_axis(leaf, axis)) for leaf in leaves]
+    ranges = [jnp.where(m > 0, r, 0.0) for r, m in zip(raw, true_max)]
+    layer = jnp.max(jnp.stack([jnp.max(r) for r in ranges]))
+    default = jnp.float32(1.0 / math.sqrt(_fan_in(leaves)))
+    fallback = jnp.where(layer > 0, layer, default)
+    for i, r in zip(indices, ranges):
+      out[i] = jnp.where(r > NEAR_ZERO * layer, r, fallback).astype(jnp.float32)
+  return jax.tree_util.tree_unflatten(treedef, out)
+
+
+def weight_scales(params: PyTree, bits: int, *, axis: Optional[int] = None,
+                  scale_method: str = "max") -> PyTree:
+  """``Δ_w = w_max / (2^(bits-1) - 1)`` per leaf from :func:`weight_ranges` (no zero range).
+
+  The grid that :func:`fwdgrad.qzo_ff`, :func:`fixed_point_weights` and a calibrated model
+  (:func:`fwdgrad.models.calibrate`) all use, so that the forward and the update share one grid.
+
+  Examples:
+    >>> fwdgrad.weight_scales({"kernel": jnp.ones((2, 2)), "bias": jnp.zeros(2)}, 8)
+    {'bias': Array(0.00787402, dtype=float32), 'kernel': Array(0.00787402, dtype=float32)}
+  """
+  bits = quant.check_bits(bits)
+  if scale_method == "static":
+    raise ValueError('weight scales come from the weights: use scale_method="max", "mse" or '
+                     '"pow2", not "static".')
+  levels = float(quant.qmax(bits))
+  return jax.tree_util.tree_map(
+      lambda r: jax.lax.stop_gradient(r / levels),
+      weight_ranges(params, axis=axis, scale_method=scale_method, bits=bits))
 
 
 def leaf_axis(leaf, axis: Optional[int]) -> Optional[int]:

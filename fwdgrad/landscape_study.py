@@ -183,8 +183,10 @@ def _problem(config, variables, method, mode: str, task: adaptation.Task, key: j
   adapt_config = config.adapt.copy_and_resolve_references()
   with adapt_config.ignore_type():
     adapt_config.mode = mode
+  # A fixed-point backbone gets its static scales from the support set.
   adapter = adaptation.Adapter(config.model.name, config.model.kwargs.to_dict(), variables, method,
-                               adapt_config, config.task.ways, config.seed)
+                               adapt_config, config.task.ways, config.seed,
+                               calibration_inputs=task.support_inputs)
   inputs = {"support": jnp.asarray(task.support_inputs), "query": jnp.asarray(task.query_inputs)}
   ys, yq = jnp.asarray(task.support_labels), jnp.asarray(task.query_labels)
   frozen, ways = adapter.frozen, config.task.ways
@@ -204,10 +206,13 @@ def _problem(config, variables, method, mode: str, task: adaptation.Task, key: j
     temperature = adapter._temperature(  # pylint: disable=protected-access
         jax.eval_shape(lambda t: features(t, "support"), start))
 
+  head_quant = {}
+
   def loss_fn(trainable):
     support = features(trainable, "support")
     if adapter.parametric_head:
-      logits = adapter.head.apply({"params": trainable["head"]}, support) / temperature
+      logits = adapter._head_apply(  # pylint: disable=protected-access
+          trainable["head"], head_quant, support) / temperature
       return optax.softmax_cross_entropy_with_integer_labels(logits, ys).mean()
     scale = 1.0 / adapter._temperature(support)  # pylint: disable=protected-access
     return fewshot.episode_loss(support, ys, support, ys, ways, scale=scale, **head_kwargs)
@@ -215,14 +220,16 @@ def _problem(config, variables, method, mode: str, task: adaptation.Task, key: j
   def accuracy_fn(trainable):
     support, query = features(trainable, "support"), features(trainable, "query")
     if adapter.parametric_head:
-      logits = adapter.head.apply({"params": trainable["head"]}, query)
+      logits = adapter._head_apply(  # pylint: disable=protected-access
+          trainable["head"], head_quant, query)
       return jnp.mean((jnp.argmax(logits, -1) == yq).astype(jnp.float32))
     return fewshot.episode_accuracy(support, ys, query, yq, ways, **head_kwargs)
 
   trainable = {} if mode == "lp" else {"backbone": adapter.trainable_backbone}
   if adapter.parametric_head:
-    trainable["head"] = adapter._init_head(  # pylint: disable=protected-access
-        key, features(trainable, "support"), ys)
+    support = features(trainable, "support")
+    trainable["head"] = adapter._init_head(key, support, ys)  # pylint: disable=protected-access
+    head_quant.update(adapter._head_quant(trainable["head"], support))  # pylint: disable=protected-access
   return loss_fn, trainable, accuracy_fn
 
 

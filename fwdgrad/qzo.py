@@ -49,11 +49,13 @@ References:
 from __future__ import annotations
 
 import math
+import warnings
 from typing import Any, Callable, NamedTuple, Optional, Union
 
 import chex
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 from fwdgrad import enhancements
@@ -171,6 +173,88 @@ def requantized_perturbation(w_q, coefficient_q, z_q, fmt: PerturbationFormat, b
   return jnp.clip(shifted, -levels, levels).astype(w_q.dtype)
 
 
+class FrozenLeafWarning(UserWarning):
+  """A leaf that :func:`qzo_ff` cannot perturb or move at the chosen ε, η, ρ and bit width."""
+
+
+def _ratio_multipliers(ratio: PyTree):
+  """``(M, k)`` pytrees with ``M / 2^k ≈ ratio`` per leaf."""
+  treedef = jax.tree_util.tree_structure(ratio)
+  pairs = [fixed_point.fixed_point_multiplier_array(r) for r in jax.tree_util.tree_leaves(ratio)]
+  return (jax.tree_util.tree_unflatten(treedef, [p[0] for p in pairs]),
+          jax.tree_util.tree_unflatten(treedef, [p[1] for p in pairs]))
+
+
+def _override_scales(scale: PyTree, given: PyTree) -> PyTree:
+  """``given`` where it has a ``Δ_w``, the computed ``scale`` where it has ``None``."""
+  treedef = jax.tree_util.tree_structure(scale)
+  try:
+    given_leaves = treedef.flatten_up_to(given)
+  except (ValueError, TypeError) as error:
+    raise ValueError("qzo_ff(weight_scale=...) must have the structure of the params given to "
+                     f"init, with None where the rule should choose: {error}") from None
+  leaves = []
+  for computed, chosen in zip(jax.tree_util.tree_leaves(scale), given_leaves):
+    if chosen is None:
+      leaves.append(computed)
+      continue
+    chosen = jnp.asarray(chosen, jnp.float32)
+    if not jnp.ndim(chosen) <= jnp.ndim(computed) and not jnp.ndim(computed) == 0:
+      raise ValueError(f"qzo_ff(weight_scale=...): a scale of shape {jnp.shape(chosen)} does "
+                       "not broadcast against its leaf.")
+    leaves.append(jax.lax.stop_gradient(chosen))
+  return jax.tree_util.tree_unflatten(treedef, leaves)
+
+
+def _names(tree: PyTree) -> list:
+  return [jax.tree_util.keystr(path) for path, _ in jax.tree_util.tree_flatten_with_path(tree)[0]]
+
+
+def _warn_frozen_leaves(params, scale, epsilon_q, fmt, learning_rate, rounding, kernelwise,
+                        sharpness_radius, weight_bits) -> None:
+  """Warns, naming the leaves, where ε_q, a unit update or the ascent rounds to 0 (concrete only)."""
+  leaves = jax.tree_util.tree_leaves((params, scale, epsilon_q))
+  if any(isinstance(leaf, jax.core.Tracer) for leaf in leaves):
+    return
+  names = _names(params)
+  scales = [np.asarray(s, np.float64) for s in jax.tree_util.tree_leaves(scale)]
+  eps = [np.asarray(e) for e in jax.tree_util.tree_leaves(epsilon_q)]
+  values = [np.asarray(p, np.float64) for p in jax.tree_util.tree_leaves(params)]
+
+  def report(what, fix, frozen):
+    if not frozen:
+      return
+    shown = ", ".join(frozen[:6]) + (f" and {len(frozen) - 6} more" if len(frozen) > 6 else "")
+    warnings.warn(f"qzo_ff at {weight_bits} bits: {what} for {len(frozen)} of {len(names)} "
+                  f"leaves ({shown}); they will not train. {fix}", FrozenLeafWarning, stacklevel=3)
+
+  report("ε rounds to 0 (ε_q = 0)", "Use an ε of at least half the weight step Δ_w, or more "
+         "weight bits.", [n for n, e in zip(names, eps) if np.any(e == 0)])
+  rate = learning_rate(0) if callable(learning_rate) else learning_rate
+  if rounding == "nearest":
+    # The step of a unit direction entry (|z| = 1): round(η 1_q Δ_z ‖·‖ / Δ_w) for kernelwise.
+    steps = []
+    for value, s in zip(values, scales):
+      factor = 1.0
+      if kernelwise:
+        w_max = float(np.max(s)) * quant.qmax(weight_bits)
+        norm = float(np.linalg.norm(value))
+        factor = (norm if norm >= fixed_point.NEAR_ZERO * w_max else w_max)
+        factor /= math.sqrt(max(value.size, 1))
+      steps.append(float(rate) * fmt.one * fmt.scale * factor / np.max(s))
+    report(f"the update of a unit direction entry rounds to 0 at η = {float(rate):g}",
+           'Use a larger learning rate, rounding="stochastic" (unbiased) or more weight bits.',
+           [n for n, step in zip(names, steps) if step < 0.5])
+  if sharpness_radius is not None:
+    total = sum(v.size for v in values)
+    # The largest ascent entry: |u| = z_max of a norm-sqrt(N) direction, in weight steps.
+    reach = [sharpness_radius * fmt.z_max / (math.sqrt(max(total, 1)) * np.max(s))
+             for s in scales]
+    report(f"the sharpness-aware ascent (ρ = {sharpness_radius:g}) rounds to 0 for every entry",
+           "Use a larger sharpness_radius or more weight bits.",
+           [n for n, r in zip(names, reach) if r < 0.5])
+
+
 def update_multiplier(learning_rate, weight_scale: PyTree, fmt: PerturbationFormat,
                       factor: Optional[PyTree] = None):
   """``(M_u, k_u)`` per leaf with ``M_u / 2^k_u ≈ η Δ_z / Δ_w`` (times ``factor`` if given).
@@ -215,6 +299,7 @@ def qzo_ff(
     momentum: Optional[enhancements.MomentumGuidedSampling] = None,
     sharpness_radius: Optional[float] = None,
     kernelwise: bool = False,
+    weight_scale: Optional[PyTree] = None,
 ) -> optax.GradientTransformationExtraArgs:
   """The paper's quantized forward-gradient (QZO-FF) step as an optax transformation.
 
@@ -227,9 +312,20 @@ def qzo_ff(
   on their old grid value). A float optimizer after it would move the weights off the grid.
 
   ``Δ_w`` is computed at ``init`` from the (pre-trained) parameters and never changes; ``ε_q`` and
-  the update multiplier follow from it. With 8-bit weights ``Δ_w`` is about 250 times coarser than
-  with 16 bits: ``ε_q = round(1e-3 / Δ_w)`` is typically 0 (both forward calls see the same weights,
+  the update multiplier follow from it. It is the paper's fixed-``Δ_w`` scheme, so **a weight can
+  never pass its leaf's pre-trained range** ``w_max = Δ_w (2^(b-1) - 1)``: the integers saturate
+  there. A leaf that is zero (or below ``2^-15`` of its layer's range), such as a zero-initialised
+  bias, gets its layer's range instead, so it trains
+  (:func:`fwdgrad.fixed_point.weight_ranges` states the rule). To train a fixed-point model, pass
+  the grid its forward reads, ``weight_scale=fwdgrad.models.weight_scales(variables)``, so the
+  update and the forward share one grid.
+
+  With 8-bit weights ``Δ_w`` is about 250 times coarser than with 16 bits:
+  ``ε_q = round(1e-3 / Δ_w)`` is typically 0 (both forward calls see the same weights,
   ``sign(0) = 0``) and ``round(η Δ_z g_q / Δ_w)`` is 0, so nothing trains: the paper's 8w8a failure.
+  ``init`` warns (:class:`FrozenLeafWarning`) naming every leaf whose ``ε_q``, whose update of a
+  unit direction entry, or whose sharpness-aware ascent rounds to 0 (when the params are concrete,
+  not inside ``jit``).
 
   Args:
     learning_rate: ``η`` (the paper's ``Δ_η``), a float or an optax schedule of the step count.
@@ -252,9 +348,15 @@ def qzo_ff(
       step's (kept as int8 in the state), or ``None`` for independent directions.
     sharpness_radius: ``ρ`` of one sharpness-aware ascent step (two more forward calls): the
       estimate is taken at ``w̃ = w ± ρ u/‖u‖`` (whichever side has the higher loss) and applied
-      at ``w``. ``ρ u/‖u‖`` is formed like ``ε z``: ``c_q = round(ρ / (Δ_w Δ_z ‖u_q‖))``.
+      at ``w``. The integer ascent is ``round(u_q ρ / (‖u_q‖ Δ_w))`` per entry, by a multiply and
+      shift (:func:`fwdgrad.fixed_point.multiply_shift`).
     kernelwise: kernel-wise normalization: each leaf's step is rescaled to
-      ``η ‖w^i‖ g^i / ‖g^i‖`` (one float factor per leaf and step folded into the multiplier).
+      ``η ‖w^i‖ g^i / ‖g^i‖`` (one float factor per leaf and step folded into the multiplier);
+      a leaf whose ``‖w^i‖`` is zero (below ``2^-15`` of its range) uses its range ``w_max``
+      instead, so that it moves.
+    weight_scale: the grid to train on: a pytree like the params given to ``init`` whose leaves
+      are ``Δ_w`` (a scalar or broadcastable per-channel array) or ``None`` (computed by the rule
+      above), e.g. ``fwdgrad.models.weight_scales(variables)``; ``None``: all computed.
 
   Returns:
     An ``optax.GradientTransformationExtraArgs`` with :class:`QZOState`.
@@ -297,11 +399,13 @@ def qzo_ff(
 
   def init_fn(params):
     estimators._check_params(params)
-    scale = jax.tree_util.tree_map(
-        lambda p: quant.compute_scale(p, weight_bits, axis=fixed_point.leaf_axis(p, axis),
-                                      scale_method=scale_method), params)
+    scale = fixed_point.weight_scales(params, weight_bits, axis=axis, scale_method=scale_method)
+    if weight_scale is not None:
+      scale = _override_scales(scale, weight_scale)
     epsilon_q = jax.tree_util.tree_map(
         lambda s: jnp.clip(jnp.round(epsilon / s), 0, levels).astype(jnp.int32), scale)
+    _warn_frozen_leaves(params, scale, epsilon_q, fmt, learning_rate, rounding, kernelwise,
+                        sharpness_radius, weight_bits)
     previous = ()
     if momentum is not None:
       dtype = quant.integer_dtype(fmt.bits)
@@ -328,28 +432,36 @@ def qzo_ff(
         lambda w, c, z: requantized_perturbation(w, c, z, fmt, weight_bits),
         w_q, coefficient_q, z_q)
 
+  def ascend(w_q, u_q, multiplier, shift, sign):
+    """``clip(w_q ± round(u_q ρ / (‖u_q‖ Δ_w)))``: the ascent by multiply and shift, per entry.
+
+    (A coefficient of ``z``'s scale, like ``ε_q``, would round ``ρ / (‖u_q‖ Δ_w Δ_z)`` to an
+    integer first: 0 for a large model, so the ascent would vanish.)
+    """
+    def one(w, u, mult, sh):
+      step = fixed_point.multiply_shift(u, mult, sh)
+      return jnp.clip(w.astype(jnp.int32) + sign * step, -levels, levels).astype(w.dtype)
+    return jax.tree_util.tree_map(one, w_q, u_q, multiplier, shift)
+
   def sharpness_point(value_fn, w_q, state, params, step_key):
-    u_q = sample_quantized_direction(estimators.direction_key(step_key, m), params, fmt,
-                                     float_sampler)
+    key = estimators.direction_key(step_key, m)
+    u_q = sample_quantized_direction(key, params, fmt, float_sampler)
     norm_q = jnp.sqrt(sum(jnp.sum(jnp.square(u.astype(jnp.float32)))
                           for u in jax.tree_util.tree_leaves(u_q)))
-    radius_q = jax.tree_util.tree_map(
-        lambda s: jnp.clip(jnp.round(sharpness_radius / (s * fmt.scale * norm_q)), 0,
-                           levels).astype(jnp.int32), state.weight_scale)
-    minus_radius_q = jax.tree_util.tree_map(jnp.negative, radius_q)
+    multiplier, shift = _ratio_multipliers(jax.tree_util.tree_map(
+        lambda s: sharpness_radius / (s * jnp.maximum(norm_q, 1.0)), state.weight_scale))
 
-    def side(radius_q):
+    def side(sign):
       def point_q(params, key):
         u_q = sample_quantized_direction(key, params, fmt, float_sampler)
-        return perturb(integer_weights(params, state.weight_scale, weight_bits), radius_q, u_q)
+        return ascend(integer_weights(params, state.weight_scale, weight_bits), u_q, multiplier,
+                      shift, sign)
       return point_q
 
-    key = estimators.direction_key(step_key, m)
-    loss_plus = loss_at(value_fn, side(radius_q), key, state, params, after=state.count)
-    ascend_plus = loss_plus >= loss_at(value_fn, side(minus_radius_q), key, state, params,
-                                       after=loss_plus)
-    w_plus = perturb(w_q, radius_q, u_q)
-    w_minus = perturb(w_q, minus_radius_q, u_q)
+    loss_plus = loss_at(value_fn, side(1), key, state, params, after=state.count)
+    ascend_plus = loss_plus >= loss_at(value_fn, side(-1), key, state, params, after=loss_plus)
+    w_plus = ascend(w_q, u_q, multiplier, shift, 1)
+    w_minus = ascend(w_q, u_q, multiplier, shift, -1)
     return jax.tree_util.tree_map(lambda a, b: jnp.where(ascend_plus, a, b), w_plus, w_minus)
 
   def directions_for_step(state, params, step_key):
@@ -445,7 +557,7 @@ def qzo_ff(
     if kernelwise:
       factor = jax.tree_util.tree_map(
           lambda q, s, g: enhancements.safe_ratio(
-              jnp.linalg.norm((q.astype(jnp.float32) * s).ravel()),
+              enhancements.floored_norm(q.astype(jnp.float32) * s, jnp.max(s) * levels),
               fmt.scale * jnp.linalg.norm(g.astype(jnp.float32).ravel())),
           w_q, state.weight_scale, g_q)
     multiplier, shift = update_multiplier(rate, state.weight_scale, fmt, factor)

@@ -259,6 +259,16 @@ def _base_mean(config, splits: Splits, variables: dict) -> Optional[np.ndarray]:
   return np.asarray(features.reshape(features.shape[0], -1).mean(0))
 
 
+def _calibration_inputs(config, splits: Splits) -> Optional[np.ndarray]:
+  """Pre-training examples that fix fixed-point scales (None: each task's support set does)."""
+  if splits.pretrain is None or not len(splits.pretrain.inputs):
+    return None
+  inputs = splits.pretrain.inputs
+  count = min(config.adapt.calibration_examples, len(inputs))
+  index = np.sort(np.random.default_rng(config.seed).choice(len(inputs), count, replace=False))
+  return np.asarray(inputs[index])
+
+
 def _read_done(path: str) -> dict:
   return {row["task"]: row for row in reporting.read_metrics(path)}
 
@@ -268,6 +278,7 @@ def adapt_all(config, splits: Splits, variables: dict, workdir: str) -> dict:
   os.makedirs(os.path.join(workdir, "tasks"), exist_ok=True)
   num_classes = config.task.ways if config.task.kind == "fewshot" else splits.adapt.num_classes
   base_mean = _base_mean(config, splits, variables)
+  calibration_inputs = _calibration_inputs(config, splits)
   results, curves, accuracies = {}, {}, {}
   for name, method in experiment.methods(config):
     path = os.path.join(workdir, "tasks", f"{name}.jsonl")
@@ -280,7 +291,7 @@ def adapt_all(config, splits: Splits, variables: dict, workdir: str) -> dict:
         if adapter is None:
           adapter = adaptation.Adapter(config.model.name, config.model.kwargs.to_dict(),
                                        variables, method, config.adapt, num_classes,
-                                       config.seed, base_mean)
+                                       config.seed, base_mean, calibration_inputs)
         task = make_task(config, splits, index)
         start = time.perf_counter()
         result = adapter(task, jax.random.fold_in(jax.random.key(config.seed), index))

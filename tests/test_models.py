@@ -73,7 +73,16 @@ def _jitted_apply(name, precision, num_classes):
   return jax.jit(model.apply)
 
 
+def _calibrated(name, precision, variables, x, num_classes=5):
+  """Fixed-point variables with the static scales of ``x`` (float ones unchanged)."""
+  if models.Precision.parse(precision).is_float:
+    return variables
+  model = models.get_model(name, num_classes=num_classes, precision=precision, **SMALL[name][0])
+  return models.calibrate(model, variables, x)
+
+
 def _apply(name, precision, variables, x, num_classes=5):
+  variables = _calibrated(name, precision, variables, x, num_classes)
   return _jitted_apply(name, precision, num_classes)(variables, x)
 
 
@@ -86,6 +95,8 @@ def _apply(name, precision, variables, x, num_classes=5):
     ("4w32a", models.Precision(4, 32)),
     ("16W8A", models.Precision(16, 8)),
     ("16w8a-per-channel", models.Precision(16, 8, per_channel=True)),
+    ("16w8a-dynamic", models.Precision(16, 8, dynamic=True)),
+    ("8w8a-per-channel-dynamic", models.Precision(8, 8, per_channel=True, dynamic=True)),
 ])
 def test_precision_parse(text, expected):
   precision = models.Precision.parse(text)
@@ -134,8 +145,17 @@ def test_qdense_matches_fixed_point_reference():
   layer = models.QDense(4, precision="16w8a")
   variables = _random_variables(jax.eval_shape(layer.init, jax.random.key(1), x))
   kernel, bias = variables["params"]["kernel"], variables["params"]["bias"]
+  variables = models.calibrate(layer, variables, x)
+  scales = variables["quant"]
+  # Static scales: the input's max-abs, the kernel's max-abs, the (unrounded-input) output's.
+  np.testing.assert_allclose(scales["act_in"]["scale"], np.abs(x).max() / 127, rtol=1e-6)
+  np.testing.assert_allclose(scales["kernel_scale"], np.abs(kernel).max() / 32767, rtol=1e-6)
+  w_q = fwdgrad.fake_quant(kernel, 16)
+  np.testing.assert_allclose(scales["act_out"]["scale"], np.abs(x @ w_q + bias).max() / 127,
+                             rtol=1e-5)
   expected = fwdgrad.fake_quant(
-      fwdgrad.fake_quant(x, 8) @ fwdgrad.fake_quant(kernel, 16) + bias, 8)
+      fwdgrad.fake_quant(x, 8, scale=scales["act_in"]["scale"]) @ w_q + bias, 8,
+      scale=scales["act_out"]["scale"])
   chex.assert_trees_all_close(layer.apply(variables, x), expected, atol=1e-6, rtol=0)
   float_out = models.QDense(4).apply(variables, x)
   chex.assert_trees_all_close(float_out, x @ kernel + bias, atol=1e-6, rtol=0)
@@ -257,14 +277,15 @@ def test_few_weight_bits_cost_accuracy():
   variables = _random_variables(jax.eval_shape(models.QConv(4).init, jax.random.key(1), x))
   reference = models.QConv(4).apply(variables, x)
   errors = {p: float(jnp.max(jnp.abs(models.QConv(4, precision=p).apply(variables, x) - reference)))
-            for p in ("16w32a", "3w32a")}
-  assert 0 < errors["16w32a"] < 1e-3 * errors["3w32a"], errors
+            for p in ("16w32a-dynamic", "3w32a-dynamic")}
+  assert 0 < errors["16w32a-dynamic"] < 1e-3 * errors["3w32a-dynamic"], errors
 
 
 @pytest.mark.parametrize("name", ["resnet18", "vit_tiny"])
 def test_outputs_lie_on_the_8_bit_activation_grid(name):
-  outputs = _apply(name, "16w8a", _variables(name), _inputs(name))
-  steps = np.asarray(outputs / quant.compute_scale(outputs, 8))
+  variables = _calibrated(name, "16w8a", _variables(name), _inputs(name))
+  outputs = _apply(name, "16w8a", variables, _inputs(name))
+  steps = np.asarray(outputs / variables["quant"]["head"]["act_out"]["scale"])
   np.testing.assert_allclose(steps, np.round(steps), atol=1e-3)
   assert len(np.unique(steps)) > 5  # Not trivially on the grid (all zero or saturated).
   reference = _apply(name, "float", _variables(name), _inputs(name))
@@ -277,7 +298,8 @@ def test_outputs_lie_on_the_8_bit_activation_grid(name):
     pytest.param("resnet12", marks=pytest.mark.slow), pytest.param("resnet18", marks=pytest.mark.slow),
 ])
 def test_jvp_and_grad_run_through_the_quantized_model(name):
-  variables, x = _variables(name), _inputs(name)
+  x = _inputs(name)
+  variables = _calibrated(name, "16w8a", _variables(name), x)
   model = models.get_model(name, num_classes=5, precision="16w8a", **SMALL[name][0])
 
   def loss(params):
@@ -296,7 +318,8 @@ def test_jvp_and_grad_run_through_the_quantized_model(name):
 
 def test_spsa_runs_through_a_quantized_model():
   name = "conv4"
-  variables, x = _variables(name), _inputs(name)
+  x = _inputs(name)
+  variables = _calibrated(name, "16w8a", _variables(name), x)
   model = models.get_model(name, num_classes=5, precision="16w8a", **SMALL[name][0])
 
   def loss(params):
@@ -357,6 +380,7 @@ def test_crnn_lstm_and_input_checks():
   x = jax.random.normal(jax.random.key(0), (2, 16, 16))
   variables = _random_variables(jax.eval_shape(model.init, jax.random.key(1), x))
   assert variables["params"]["rnn"]["input"]["kernel"].shape == (4 * 2, 4 * 8)
+  variables = models.calibrate(model, variables, x)
   out = jax.jit(model.apply)(variables, x)
   assert out.shape == (2, 3) and bool(jnp.all(jnp.isfinite(out)))
   with pytest.raises(ValueError, match="unknown rnn"):

@@ -24,6 +24,19 @@ def test_readme_example_runs_and_trains():
   assert len(blocks[0].strip().splitlines()) <= 30
 
 
+def test_readme_fixed_point_recipe_runs():
+  jax = __import__("jax")
+  blocks = re.findall(r"```python\n(.*?)```", _readme(), re.S)
+  namespace = {"jax": jax, "fwdgrad": __import__("fwdgrad")}
+  exec(compile(blocks[1], "README.md", "exec"), namespace)  # pylint: disable=exec-used
+  variables, tx = namespace["variables"], namespace["tx"]
+  logits = namespace["model"].apply(variables, namespace["images"][:2])
+  assert logits.shape == (2, 5)
+  state = tx.init(variables["params"])
+  scales = namespace["fwdgrad"].models.weight_scales(variables)
+  assert float(state.weight_scale["head"]["kernel"]) == float(scales["head"]["kernel"])
+
+
 def test_readme_gives_exactly_the_two_commands_and_ci_runs_the_test_one():
   commands = re.findall(r"```sh\n(.*?)```", _readme(), re.S)
   assert len(commands) == 2

@@ -143,7 +143,8 @@ def test_end_to_end_matches_tflite_on_fsdd(pretrained, fsdd_audio, run_tflite, e
 def test_16w8a_stays_close_to_float(pretrained, fsdd_audio, embed):
   features = audio.embedding_features(fsdd_audio)
   full = embed(pretrained, features)
-  fixed = jax.jit(speech_embedding.SpeechEmbedding(precision="16w8a").apply)(pretrained, features)
+  model = speech_embedding.SpeechEmbedding(precision="16w8a")
+  fixed = jax.jit(model.apply)(models.calibrate(model, pretrained, features), features)
   norms = jnp.linalg.norm(full, axis=-1) * jnp.linalg.norm(fixed, axis=-1)
   cosine = jnp.sum(full * fixed, -1) / norms
   assert float(cosine.min()) > 0.99
@@ -153,12 +154,12 @@ def test_16w8a_stays_close_to_float(pretrained, fsdd_audio, embed):
 @pytest.mark.parametrize("precision", ["float", pytest.param("16w8a", marks=pytest.mark.slow)])
 def test_jvp_through_the_model_equals_the_gradient(precision):
   model = speech_embedding.SpeechEmbedding(num_classes=3, precision=precision)
-  variables = _init(model)
   x = jax.random.normal(jax.random.key(1), (4, 76, 32)) * 0.5 + 2.0
+  variables = models.calibrate(model, _init(model), x)
   labels = jnp.array([0, 1, 2, 0])
 
   def loss(params):
-    logits = model.apply({"params": params}, x)
+    logits = model.apply({**variables, "params": params}, x)
     return -jnp.mean(jnp.take_along_axis(jax.nn.log_softmax(logits), labels[:, None], 1))
 
   params = variables["params"]

@@ -5,7 +5,7 @@ Every model takes ``precision`` (``"float"``, ``"16w8a"``, ``"8w8a"``, any ``"<w
 ``"head"``), and is called as ``model.apply(variables, inputs, train=False)``:
 
 * ``train=False`` (evaluation, the mode forward-gradient adaptation uses): BatchNorm uses its
-  running statistics and is folded into the convolutions; ``variables`` need ``"params"`` and
+  running statistics on the convolution accumulators; ``variables`` need ``"params"`` and
   ``"batch_stats"``, nothing is mutated.
 * ``train=True``: BatchNorm uses batch statistics and updates its running averages; call
   ``model.apply(variables, x, train=True, mutable=["batch_stats"])`` and keep the returned
@@ -21,6 +21,10 @@ name                 model                                        input
 ``"crnn"``           :class:`CRNN` (audio, ~250k)                 ``(batch, time, mel)`` log-mels
 ===================  ===========================================  ================================
 
+A model at a fixed-point precision must be calibrated once (:func:`calibrate`: static activation
+scales and weight grids in the ``"quant"`` collection, saved with the params) before it is applied;
+an uncalibrated one raises :class:`NotCalibratedError` saying so.
+
 Pre-trained torchvision ResNet18 and timm/DeiT ViT-tiny weights are imported from local files with
 :func:`import_checkpoint` (see :mod:`fwdgrad.models.checkpoints`).
 
@@ -28,8 +32,10 @@ Examples:
   >>> import jax, jax.numpy as jnp
   >>> from fwdgrad import models
   >>> model = models.get_model("conv4", num_classes=5, precision="16w8a")
-  >>> variables = model.init(jax.random.key(0), jnp.zeros((1, 28, 28, 1)))
-  >>> model.apply(variables, jnp.zeros((2, 28, 28, 1))).shape
+  >>> images = jax.random.uniform(jax.random.key(1), (16, 28, 28, 1))
+  >>> variables = model.init(jax.random.key(0), images[:1])
+  >>> variables = models.calibrate(model, variables, images)   # the engine's static scales
+  >>> model.apply(variables, images[:2]).shape
   (2, 5)
 """
 
@@ -39,6 +45,9 @@ from typing import Callable
 
 import flax.linen as nn
 
+from fwdgrad.models.calibration import CALIBRATION_METHODS
+from fwdgrad.models.calibration import calibrate
+from fwdgrad.models.calibration import weight_scales
 from fwdgrad.models.checkpoints import import_checkpoint
 from fwdgrad.models.checkpoints import load_state_dict
 from fwdgrad.models.checkpoints import resnet18_from_torch
@@ -46,7 +55,9 @@ from fwdgrad.models.checkpoints import vit_from_torch
 from fwdgrad.models.conv4 import Conv4
 from fwdgrad.models.crnn import CRNN
 from fwdgrad.models.layers import ConvBN
+from fwdgrad.models.layers import NotCalibratedError
 from fwdgrad.models.layers import Precision
+from fwdgrad.models.layers import QAct
 from fwdgrad.models.layers import QAttention
 from fwdgrad.models.layers import QConv
 from fwdgrad.models.layers import QDense
@@ -86,11 +97,14 @@ def get_model(name: str, **kwargs) -> nn.Module:
 
 
 __all__ = (
+    "CALIBRATION_METHODS",
     "CRNN",
     "Conv4",
     "ConvBN",
     "MODELS",
+    "NotCalibratedError",
     "Precision",
+    "QAct",
     "QAttention",
     "QConv",
     "QDense",
@@ -99,6 +113,7 @@ __all__ = (
     "ResNet18",
     "TransformerBlock",
     "ViT",
+    "calibrate",
     "get_model",
     "import_checkpoint",
     "load_state_dict",
@@ -106,4 +121,5 @@ __all__ = (
     "quantize_weight",
     "resnet18_from_torch",
     "vit_from_torch",
+    "weight_scales",
 )

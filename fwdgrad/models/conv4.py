@@ -28,7 +28,7 @@ class Conv4(nn.Module):
     precision: ``"float"``, ``"16w8a"``, ... (see :class:`fwdgrad.models.layers.Precision`).
 
   Call with ``images`` of shape ``(batch, height, width, channels)`` and ``train`` (``True`` uses
-  batch statistics and needs ``mutable=["batch_stats"]``; ``False`` folds BatchNorm into the convs).
+  batch statistics and needs ``mutable=["batch_stats"]``; ``False`` applies BatchNorm with its running statistics).
 
   Examples:
     >>> model = Conv4(num_classes=5)
@@ -42,12 +42,14 @@ class Conv4(nn.Module):
 
   @nn.compact
   def __call__(self, images: jax.Array, train: bool = False) -> jax.Array:
-    x = layers.quantize_activation(images, self.precision)
+    # Every layer reads its input on the grid of the quantizer before it (ReLU and max-pool keep
+    # the grid), so only the images get a quantizer of their own.
+    x = layers.QAct(self.precision, name="act_input")(images)
     for i, width in enumerate(self.features):
-      x = layers.ConvBN(width, (3, 3), padding=1, precision=self.precision, name=f"block{i}")(
-          x, train)
+      x = layers.ConvBN(width, (3, 3), padding=1, precision=self.precision, quantize_input=False,
+                        name=f"block{i}")(x, train)
       x = nn.max_pool(nn.relu(x), (2, 2), strides=(2, 2))
     x = x.reshape(x.shape[0], -1)
     if self.num_classes is None:
       return x
-    return layers.QDense(self.num_classes, self.precision, name="head")(x)
+    return layers.QDense(self.num_classes, self.precision, quantize_input=False, name="head")(x)

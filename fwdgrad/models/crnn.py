@@ -46,14 +46,14 @@ class QGRUCell(nn.RNNCellBase):
   def __call__(self, carry: jax.Array, inputs: jax.Array):
     h = carry
     gates_x = layers.QDense(3 * self.features, self.precision, name="input")(inputs)
-    gates_h = layers.QDense(3 * self.features, self.precision,
+    gates_h = layers.QDense(3 * self.features, self.precision, quantize_input=False,
                             kernel_init=nn.initializers.orthogonal(), name="hidden")(h)
     x_r, x_z, x_n = jnp.split(gates_x, 3, axis=-1)
     h_r, h_z, h_n = jnp.split(gates_h, 3, axis=-1)
     r = jax.nn.sigmoid(x_r + h_r)
     z = jax.nn.sigmoid(x_z + h_z)
     n = jnp.tanh(x_n + r * h_n)
-    h = layers.quantize_activation((1.0 - z) * n + z * h, self.precision)
+    h = layers.QAct(self.precision, name="act_hidden")((1.0 - z) * n + z * h)
     return h, h
 
   @nn.nowrap
@@ -76,10 +76,11 @@ class QLSTMCell(nn.RNNCellBase):
     c, h = carry
     gates = (layers.QDense(4 * self.features, self.precision, name="input")(inputs)
              + layers.QDense(4 * self.features, self.precision, use_bias=False,
-                             kernel_init=nn.initializers.orthogonal(), name="hidden")(h))
+                             quantize_input=False, kernel_init=nn.initializers.orthogonal(),
+                             name="hidden")(h))
     i, f, g, o = jnp.split(gates, 4, axis=-1)
     c = jax.nn.sigmoid(f) * c + jax.nn.sigmoid(i) * jnp.tanh(g)
-    h = layers.quantize_activation(jax.nn.sigmoid(o) * jnp.tanh(c), self.precision)
+    h = layers.QAct(self.precision, name="act_hidden")(jax.nn.sigmoid(o) * jnp.tanh(c))
     return (c, h), h
 
   @nn.nowrap
@@ -105,7 +106,7 @@ class CRNN(nn.Module):
     precision: ``"float"``, ``"16w8a"``, ...
 
   Call with ``spectrograms`` ``(batch, time, mel)`` (or ``(batch, time, mel, 1)``) and ``train``
-  (``True``: BatchNorm batch statistics with ``mutable=["batch_stats"]``; ``False``: folded).
+  (``True``: BatchNorm batch statistics with ``mutable=["batch_stats"]``; ``False``: running statistics).
 
   Examples:
     >>> model = CRNN(num_classes=10)
@@ -135,9 +136,11 @@ class CRNN(nn.Module):
       raise ValueError(
           f"CRNN expects spectrograms of shape (batch, time, mel) or (batch, time, mel, 1), got "
           f"{spectrograms.shape}.")
-    x = layers.quantize_activation(x, self.precision)
+    # Conv inputs come from ReLU and max-pool of quantized outputs: on the grid before, as read.
+    x = layers.QAct(self.precision, name="act_input")(x)
     for i, (width, pool) in enumerate(zip(self.conv_features, self.pool_sizes)):
-      x = layers.ConvBN(width, (3, 3), (1, 1), 1, self.precision, name=f"block{i}")(x, train)
+      x = layers.ConvBN(width, (3, 3), (1, 1), 1, self.precision, quantize_input=False,
+                        name=f"block{i}")(x, train)
       x = nn.max_pool(nn.relu(x), tuple(pool), strides=tuple(pool))
     batch, steps = x.shape[:2]
     if steps == 0:
@@ -146,7 +149,11 @@ class CRNN(nn.Module):
           f"{tuple(self.pool_sizes)}; pass longer spectrograms.")
     x = x.reshape(batch, steps, -1)
     cell = {"gru": QGRUCell, "lstm": QLSTMCell}[self.rnn]
-    x = nn.RNN(cell(self.rnn_features, self.precision, name="rnn"))(x)[:, -1]
+    # The cell's quantizers run inside the time scan: their static scales are shared by every
+    # step, and a calibration pass records one observation per step (reduced by calibrate).
+    x = nn.RNN(cell(self.rnn_features, self.precision, name="rnn"),
+               variable_broadcast=("params", layers.QUANT),
+               variable_axes={layers.QUANT_STATS: 0})(x)[:, -1]
     if self.num_classes is None:
       return x
-    return layers.QDense(self.num_classes, self.precision, name="head")(x)
+    return layers.QDense(self.num_classes, self.precision, quantize_input=False, name="head")(x)

@@ -1,20 +1,24 @@
 """Flax Linen layers that simulate a fixed-point inference engine with fake-quantization.
 
 A :class:`Precision` such as ``"16w8a"`` says how many bits the weights and the activations have.
-Every quantized layer rounds
+Like an engine, the model is given its scales once, by calibration (:func:`fwdgrad.models.calibrate`,
+which fills the ``"quant"`` variable collection, saved with the params), and then uses them
+unchanged in training and evaluation. Every quantized layer rounds
 
-* its **kernel** to ``weight_bits`` (signed symmetric, max-abs scale, per-tensor or per output
-  channel), the paper's ``w_q = round(w / Δ_w)`` with ``Δ_w = w_max / (2^(b-1) - 1)``;
-* its **input and output activations** to ``activation_bits`` (signed symmetric, per-tensor, max-abs
-  scale computed on the tensor at hand, i.e. dynamic ranges; one scale for the whole batch, so
-  ``vmap`` the model for per-example scales). Rounding an already-rounded tensor with its own
-  max-abs scale is the identity, so chaining layers costs nothing extra; quantizing the input as
-  well means that float operations in between (LayerNorm, softmax, GELU, pooling, residual
-  additions) still feed the next matrix product with 8-bit values.
+* its **kernel** to ``weight_bits`` on a static grid ``quant/<layer>/kernel_scale`` (signed
+  symmetric, per tensor or per output channel), the paper's ``w_q = round(w / Δ_w)`` with
+  ``Δ_w = w_max / (2^(b-1) - 1)``, chosen by :func:`fwdgrad.fixed_point.weight_scales`: the grid
+  :func:`fwdgrad.qzo_ff` trains on, so weights QZO-FF keeps on it are read without a second
+  rounding;
+* its **output** (and, unless ``quantize_input=False``, its input) to ``activation_bits`` with a
+  static per-tensor scale ``quant/<quantizer>/scale`` (:class:`QAct`), so an example's output does
+  not depend on the rest of its batch. Where a layer reads the output of another quantizer through
+  ReLU or max-pooling, which keep the grid, the models skip the input quantizer, as an engine that
+  fuses those ops does; float operations (LayerNorm, softmax, GELU, leaky ReLU, residual additions)
+  are followed by a quantizer.
 
-The weight scale is recomputed from the current kernel at every call, so a kernel that already lies
-on a ``weight_bits`` grid (as the fixed-point training loop keeps it) is reproduced exactly as long
-as its max-abs entry is unchanged.
+A fixed-point model applied before calibration raises :class:`NotCalibratedError`. Per-batch
+(dynamic) activation scales stay available as ``"16w8a-dynamic"``, never by default.
 
 .. math::
 
@@ -25,10 +29,11 @@ Choices the paper leaves open, made here:
 
 * **Biases** are not rounded: fixed-point engines keep them in the 32-bit accumulator (with scale
   ``Δ_x Δ_w``), where float32 rounding is already finer than the integer grid.
-* **BatchNorm** (:class:`ConvBN`) is *folded into the convolution* in evaluation mode
-  (``train=False``), as an inference engine does: ``W' = W γ / sqrt(σ² + ε)``,
-  ``b' = β − μ γ / sqrt(σ² + ε)``, and the folded kernel ``W'`` is what gets quantized. In training
-  mode (``train=True``, with ``mutable=["batch_stats"]``) the convolution output is normalised with
+* **BatchNorm** (:class:`ConvBN`) in evaluation mode (``train=False``) acts on the 32-bit
+  accumulator, as an engine's per-channel requantization multiplier and bias:
+  ``y = (Q_a(x) ⊛ Q_w(W)) m + β − μ m`` with ``m = γ / sqrt(σ² + ε)``. It is kept apart from the
+  kernel (not folded into it before rounding), so the forward and the integer update see the same
+  kernel, γ and β on the same grids. In training mode (``train=True``, with ``mutable=["batch_stats"]``) the convolution output is normalised with
   the batch statistics in float and the running averages are updated; that mode is for the backprop
   baseline and pre-training, and does not match an engine.
 * **LayerNorm**, softmax, GELU, sigmoid and tanh run in float on quantized inputs; their outputs are
@@ -42,7 +47,7 @@ run through every layer.
 References:
   Feng et al., "Stepping Forward on the Last Mile", NeurIPS 2024, Sec. 3.3 and App. A.
   Jacob et al., "Quantization and Training of Neural Networks for Efficient Integer-Arithmetic-Only
-  Inference", CVPR 2018 (BatchNorm folding, 32-bit biases).
+  Inference", CVPR 2018 (static calibrated scales, per-channel requantization, 32-bit biases).
 """
 
 from __future__ import annotations
@@ -55,13 +60,22 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from fwdgrad import fixed_point
 from fwdgrad import quant
 
 Array = jax.Array
 Initializer = Callable[..., Array]
 Padding = Union[str, int, Sequence[tuple[int, int]]]
 
-_PRECISION_PATTERN = re.compile(r"^(\d+)w(\d+)a(-per-channel)?$")
+_PRECISION_PATTERN = re.compile(r"^(\d+)w(\d+)a(-per-channel)?(-dynamic)?$")
+
+# Variable collections of a fixed-point model. ``QUANT`` holds the static scales an engine is
+# given (activation ``scale`` and weight ``kernel_scale``), set once by
+# :func:`fwdgrad.models.calibrate` and saved with the params; ``QUANT_STATS`` is what a calibration
+# pass observes (made mutable only by ``calibrate``).
+QUANT = "quant"
+QUANT_STATS = "quant_stats"
+HISTOGRAM_BINS = 2048
 
 # torchvision's ResNet initialisation (He normal, fan-out) and timm's ViT one (truncated normal).
 conv_kernel_init = nn.initializers.variance_scaling(2.0, "fan_out", "normal")
@@ -76,16 +90,20 @@ class Precision:
     weight_bits: bits of the kernels (2 to 32), or ``None`` for float kernels.
     activation_bits: bits of the activations (2 to 32), or ``None`` for float activations.
     per_channel: one weight scale per output channel instead of one per tensor.
+    dynamic: activation scales taken from each call's own tensor (per batch) instead of the static,
+      calibrated ones an engine uses; ``"16w8a-dynamic"``. Never the default: an example's output
+      then depends on the rest of its batch.
 
   Examples:
     >>> Precision.parse("16w8a")
-    Precision(weight_bits=16, activation_bits=8, per_channel=False)
+    Precision(weight_bits=16, activation_bits=8, per_channel=False, dynamic=False)
     >>> str(Precision.parse("float"))
     'float'
   """
   weight_bits: Optional[int] = None
   activation_bits: Optional[int] = None
   per_channel: bool = False
+  dynamic: bool = False
 
   def __post_init__(self):
     for name in ("weight_bits", "activation_bits"):
@@ -95,12 +113,15 @@ class Precision:
           quant.check_bits(bits)
         except ValueError as error:
           raise ValueError(f"Precision.{name}: {error}") from None
-    if not isinstance(self.per_channel, bool):
-      raise ValueError(f"Precision.per_channel must be a bool, got {self.per_channel!r}.")
+    for name in ("per_channel", "dynamic"):
+      if not isinstance(getattr(self, name), bool):
+        raise ValueError(f"Precision.{name} must be a bool, got {getattr(self, name)!r}.")
 
   @classmethod
   def parse(cls, spec: Union[str, "Precision", None]) -> "Precision":
-    """A Precision from ``"float"``, ``"<w>w<a>a"`` (e.g. ``"16w8a"``), or ``"<w>w<a>a-per-channel"``.
+    """A Precision from ``"float"`` or ``"<w>w<a>a"`` (e.g. ``"16w8a"``), optionally followed by
+    ``"-per-channel"`` (weight scales per output channel) and ``"-dynamic"`` (per-batch activation
+    scales).
 
     ``None`` means float and a Precision is returned unchanged.
     """
@@ -118,14 +139,15 @@ class Precision:
     if match is None:
       raise ValueError(
           f"cannot parse precision {spec!r}: expected 'float' or '<w>w<a>a' with bit widths 2 to 32 "
-          "(for example '16w8a' for 16-bit weights and 8-bit activations, '8w8a', or "
-          "'16w8a-per-channel').")
+          "(for example '16w8a' for 16-bit weights and 8-bit activations, '8w8a', "
+          "'16w8a-per-channel' or '16w8a-dynamic').")
     weight_bits, activation_bits = int(match.group(1)), int(match.group(2))
     for bits in (weight_bits, activation_bits):
       if not 2 <= bits <= 32:
         raise ValueError(
             f"cannot use precision {spec!r}: bit widths must be between 2 and 32, got {bits}.")
-    return cls(weight_bits, activation_bits, per_channel=match.group(3) is not None)
+    return cls(weight_bits, activation_bits, per_channel=match.group(3) is not None,
+               dynamic=match.group(4) is not None)
 
   @property
   def is_float(self) -> bool:
@@ -136,11 +158,15 @@ class Precision:
       return "float"
     weights = "f" if self.weight_bits is None else str(self.weight_bits)
     activations = "f" if self.activation_bits is None else str(self.activation_bits)
-    return f"{weights}w{activations}a" + ("-per-channel" if self.per_channel else "")
+    return (f"{weights}w{activations}a" + ("-per-channel" if self.per_channel else "")
+            + ("-dynamic" if self.dynamic else ""))
 
 
 def quantize_weight(w: Array, precision: Union[str, Precision, None], axis: int = -1) -> Array:
-  """Rounds a kernel to ``precision.weight_bits`` (max-abs scale; per channel along ``axis``)."""
+  """Rounds a kernel to ``precision.weight_bits`` with its own max-abs scale (per call).
+
+  A helper for code outside a model; the layers use their calibrated ``kernel_scale`` instead.
+  """
   precision = Precision.parse(precision)
   if precision.weight_bits is None:
     return w
@@ -148,11 +174,115 @@ def quantize_weight(w: Array, precision: Union[str, Precision, None], axis: int 
 
 
 def quantize_activation(x: Array, precision: Union[str, Precision, None]) -> Array:
-  """Rounds an activation tensor to ``precision.activation_bits`` (per-tensor max-abs scale)."""
+  """Rounds a tensor to ``precision.activation_bits`` with its own max-abs scale (dynamic).
+
+  A helper for code outside a model; inside one, :class:`QAct` uses a static calibrated scale.
+  """
   precision = Precision.parse(precision)
   if precision.activation_bits is None:
     return x
   return quant.fake_quant(x, precision.activation_bits)
+
+
+class NotCalibratedError(ValueError):
+  """A fixed-point model was applied before :func:`fwdgrad.models.calibrate` set its scales."""
+
+
+def _not_calibrated(module: nn.Module, what: str, precision: Precision) -> NotCalibratedError:
+  path = "/".join(module.scope.path) or type(module).__name__
+  dynamic = dataclasses.replace(precision, dynamic=True)
+  return NotCalibratedError(
+      f"{type(module).__name__} {path!r} at precision {str(precision)!r} has no calibrated {what} "
+      f"(variables[{QUANT!r}] is missing or incomplete). Calibrate once before applying the model: "
+      "variables = fwdgrad.models.calibrate(model, variables, inputs) with a few hundred "
+      "pre-training examples (or the task's support set), and keep variables["
+      f"{QUANT!r}] with the params; or use precision {str(dynamic)!r} for per-batch scales.")
+
+
+def _calibrating(module: nn.Module) -> bool:
+  """True in a calibration pass (``calibrate`` makes ``QUANT_STATS`` mutable), not at init."""
+  return not module.is_initializing() and module.is_mutable_collection(QUANT_STATS)
+
+
+def _observe(module: nn.Module, x: Array) -> None:
+  """Records what calibration needs of ``|x|``: its max, then (second pass) its histogram."""
+  magnitude = jnp.abs(x.astype(jnp.float32))
+  levels = quant.qmax(Precision.parse(module.precision).activation_bits)
+  module.variable(QUANT_STATS, "levels", lambda: jnp.float32(levels))
+  amax = module.variable(QUANT_STATS, "amax", lambda: jnp.zeros((), jnp.float32))
+  if module.has_variable(QUANT_STATS, "histogram"):
+    histogram = module.variable(QUANT_STATS, "histogram", jnp.zeros, (HISTOGRAM_BINS,), jnp.int32)
+    top = jnp.where(amax.value > 0, amax.value, 1.0)
+    index = jnp.clip(jnp.floor(magnitude / top * HISTOGRAM_BINS), 0, HISTOGRAM_BINS - 1)
+    histogram.value = histogram.value + jnp.bincount(
+        index.astype(jnp.int32).ravel(), length=HISTOGRAM_BINS).astype(jnp.int32)
+  else:
+    amax.value = jnp.maximum(amax.value, jnp.max(magnitude))
+
+
+class QAct(nn.Module):
+  """An engine's activation quantizer: one static per-tensor scale, fixed by calibration.
+
+  The scale is the variable ``quant/<path>/scale``, set by :func:`fwdgrad.models.calibrate` from
+  a calibration set (max-abs, a percentile, or the MSE-optimal clipping range of what this point
+  sees) and then used unchanged in training and evaluation, so an example's output never depends
+  on the rest of its batch. Applying a fixed-point model without it raises
+  :class:`NotCalibratedError`. With ``Precision.dynamic`` (``"16w8a-dynamic"``) each call takes
+  the max-abs of its own tensor instead. During a calibration pass values go through unrounded.
+
+  Attributes:
+    precision: ``"float"`` (the identity), ``"16w8a"``, ... or a :class:`Precision`.
+  """
+  precision: Union[str, Precision, None] = "float"
+
+  @nn.compact
+  def __call__(self, x: Array) -> Array:
+    precision = Precision.parse(self.precision)
+    bits = precision.activation_bits
+    if bits is None:
+      return x
+    if precision.dynamic or self.is_initializing():
+      return quant.fake_quant(x, bits)
+    if _calibrating(self):
+      _observe(self, x)
+      return x
+    if not self.has_variable(QUANT, "scale"):
+      raise _not_calibrated(self, "activation scale", precision)
+    return quant.fake_quant(x, bits, scale=self.get_variable(QUANT, "scale"))
+
+
+def _broadcast_scale(scale: Array, ndim: int, per_channel: bool) -> Array:
+  """A stored ``kernel_scale`` ((1,) or (channels,)) shaped to broadcast against the kernel."""
+  if not per_channel:
+    return jnp.reshape(scale, ())
+  return jnp.reshape(scale, (1,) * (ndim - 1) + (-1,))
+
+
+def _quantized_kernel(module: nn.Module, kernel: Array, precision: Precision) -> Array:
+  """The kernel on its static grid ``quant/<path>/kernel_scale`` (one grid with QZO-FF's).
+
+  The scale is set by calibration with :func:`fwdgrad.fixed_point.weight_scales` from the
+  layer's params (the rule :func:`fwdgrad.qzo_ff` applies at ``init``), so a kernel that QZO-FF
+  keeps on its grid is reproduced exactly, never rounded again onto a grid of its own.
+  """
+  bits = precision.weight_bits
+  if bits is None:
+    return kernel
+  axis = kernel.ndim - 1 if precision.per_channel else None
+  if module.is_initializing():
+    return quant.fake_quant(kernel, bits, axis=axis)
+  if _calibrating(module):
+    scale = fixed_point.weight_scales(dict(module.variables["params"]), bits, axis=axis)["kernel"]
+    stat = module.variable(QUANT_STATS, "kernel_scale", jnp.zeros, (scale.size,), jnp.float32)
+    stat.value = jnp.reshape(scale, (-1,))
+    return quant.fake_quant(kernel, bits, scale=scale)
+  if module.has_variable(QUANT, "kernel_scale"):
+    scale = _broadcast_scale(module.get_variable(QUANT, "kernel_scale"), kernel.ndim,
+                             precision.per_channel)
+    return quant.fake_quant(kernel, bits, scale=scale)
+  if precision.dynamic:
+    return quant.fake_quant(kernel, bits, axis=axis)
+  raise _not_calibrated(module, "weight scale", precision)
 
 
 def _conv_padding(padding: Padding, kernel_size: Sequence[int]):
@@ -176,17 +306,22 @@ class QDense(nn.Module):
     features: output width.
     precision: ``"float"``, ``"16w8a"``, ... or a :class:`Precision`.
     use_bias: add a (float, accumulator-precision) bias.
+    quantize_input: round the input with a quantizer of its own; ``False`` where the input already
+      lies on the previous quantizer's grid (after ReLU or max-pool), as an engine that fuses those
+      ops reads it without requantizing.
     kernel_init, bias_init: initialisers; the kernel has shape ``(in, out)`` as in ``nn.Dense``.
 
   Examples:
     >>> layer = QDense(4, precision="16w8a")
     >>> variables = layer.init(jax.random.key(0), jnp.ones((2, 3)))
+    >>> variables = calibrate(layer, variables, jnp.ones((8, 3)))
     >>> layer.apply(variables, jnp.ones((2, 3))).shape
     (2, 4)
   """
   features: int
   precision: Union[str, Precision, None] = "float"
   use_bias: bool = True
+  quantize_input: bool = True
   kernel_init: Initializer = nn.initializers.lecun_normal()
   bias_init: Initializer = nn.initializers.zeros_init()
 
@@ -194,11 +329,12 @@ class QDense(nn.Module):
   def __call__(self, x: Array) -> Array:
     precision = Precision.parse(self.precision)
     kernel = self.param("kernel", self.kernel_init, (x.shape[-1], self.features), jnp.float32)
-    x = quantize_activation(x, precision)
-    y = jnp.dot(x, quantize_weight(kernel, precision, axis=-1))
+    if self.quantize_input:
+      x = QAct(precision, name="act_in")(x)
+    y = jnp.dot(x, _quantized_kernel(self, kernel, precision))
     if self.use_bias:
       y = y + self.param("bias", self.bias_init, (self.features,), jnp.float32)
-    return quantize_activation(y, precision)
+    return QAct(precision, name="act_out")(y)
 
 
 class QConv(nn.Module):
@@ -212,6 +348,7 @@ class QConv(nn.Module):
       like PyTorch's ``padding=p``.
     precision: ``"float"``, ``"16w8a"``, ... or a :class:`Precision`.
     use_bias: add a float bias.
+    quantize_input: as for :class:`QDense`.
   """
   features: int
   kernel_size: Sequence[int] = (3, 3)
@@ -219,6 +356,7 @@ class QConv(nn.Module):
   padding: Padding = "SAME"
   precision: Union[str, Precision, None] = "float"
   use_bias: bool = True
+  quantize_input: bool = True
   kernel_init: Initializer = conv_kernel_init
   bias_init: Initializer = nn.initializers.zeros_init()
 
@@ -227,31 +365,37 @@ class QConv(nn.Module):
     precision = Precision.parse(self.precision)
     shape = (*self.kernel_size, x.shape[-1], self.features)
     kernel = self.param("kernel", self.kernel_init, shape, jnp.float32)
-    x = quantize_activation(x, precision)
-    y = _conv(x, quantize_weight(kernel, precision, axis=-1), self.strides,
+    if self.quantize_input:
+      x = QAct(precision, name="act_in")(x)
+    y = _conv(x, _quantized_kernel(self, kernel, precision), self.strides,
               _conv_padding(self.padding, self.kernel_size))
     if self.use_bias:
       y = y + self.param("bias", self.bias_init, (self.features,), jnp.float32)
-    return quantize_activation(y, precision)
+    return QAct(precision, name="act_out")(y)
 
 
 class ConvBN(nn.Module):
-  """A bias-free convolution followed by BatchNorm, folded into one quantized conv for inference.
+  """A bias-free convolution followed by BatchNorm; in evaluation, BatchNorm is the requantization.
 
   Parameters: ``kernel`` (HWIO), BatchNorm ``scale`` (γ) and ``bias`` (β); collection
   ``batch_stats``: ``mean`` (μ) and ``var`` (σ²).
 
   .. math::
 
-     \\text{train=False:}\\quad y = Q_a\\big(Q_a(x) \\circledast Q_w(W \\gamma / \\sqrt{\\sigma^2 +
-     \\epsilon}) + \\beta - \\mu \\gamma / \\sqrt{\\sigma^2 + \\epsilon}\\big)
+     \\text{train=False:}\\quad y = Q_a\\big((Q_a(x) \\circledast Q_w(W))\\, m + \\beta - \\mu m\\big),
+     \\qquad m = \\gamma / \\sqrt{\\sigma^2 + \\epsilon}
+
+  BatchNorm is kept apart from the kernel: the kernel has its own grid (the one
+  :func:`fwdgrad.qzo_ff` trains it on), and the per-channel factor ``m`` and offset act on the
+  32-bit accumulator, as an engine's per-channel requantization multiplier and bias do. The
+  forward and the integer update thus see the same kernel, γ and β.
 
   With ``train=True`` the output of ``Q_a(x) ⊛ Q_w(W)`` is normalised with the batch mean and
   (biased) variance and the running averages are updated with ``momentum`` (0.9 here is PyTorch's
   ``momentum=0.1``); call ``apply(..., train=True, mutable=["batch_stats"])``.
 
   Attributes:
-    features, kernel_size, strides, padding, precision: as for :class:`QConv`.
+    features, kernel_size, strides, padding, precision, quantize_input: as for :class:`QConv`.
     momentum: running-average decay.
     epsilon: added to the variance.
   """
@@ -260,6 +404,7 @@ class ConvBN(nn.Module):
   strides: Sequence[int] = (1, 1)
   padding: Padding = "SAME"
   precision: Union[str, Precision, None] = "float"
+  quantize_input: bool = True
   momentum: float = 0.9
   epsilon: float = 1e-5
   kernel_init: Initializer = conv_kernel_init
@@ -274,14 +419,12 @@ class ConvBN(nn.Module):
     mean = self.variable("batch_stats", "mean", jnp.zeros, (self.features,), jnp.float32)
     var = self.variable("batch_stats", "var", jnp.ones, (self.features,), jnp.float32)
     padding = _conv_padding(self.padding, self.kernel_size)
-    x = quantize_activation(x, precision)
+    if self.quantize_input:
+      x = QAct(precision, name="act_in")(x)
+    y = _conv(x, _quantized_kernel(self, kernel, precision), self.strides, padding)
     if not train:
       multiplier = gamma * jax.lax.rsqrt(var.value + self.epsilon)
-      folded = kernel * multiplier
-      y = _conv(x, quantize_weight(folded, precision, axis=-1), self.strides, padding)
-      return quantize_activation(y + (beta - mean.value * multiplier), precision)
-    y = quantize_activation(
-        _conv(x, quantize_weight(kernel, precision, axis=-1), self.strides, padding), precision)
+      return QAct(precision, name="act_out")(y * multiplier + (beta - mean.value * multiplier))
     batch_mean = jnp.mean(y, axis=(0, 1, 2))
     batch_var = jnp.mean(jnp.square(y - batch_mean), axis=(0, 1, 2))
     if not self.is_initializing():
@@ -289,7 +432,7 @@ class ConvBN(nn.Module):
       mean.value = decay * mean.value + (1 - decay) * jax.lax.stop_gradient(batch_mean)
       var.value = decay * var.value + (1 - decay) * jax.lax.stop_gradient(batch_var)
     y = (y - batch_mean) * jax.lax.rsqrt(batch_var + self.epsilon) * gamma + beta
-    return quantize_activation(y, precision)
+    return QAct(precision, name="act_out")(y)
 
 
 class QAttention(nn.Module):
@@ -324,7 +467,7 @@ class QAttention(nn.Module):
     qkv = qkv.reshape(batch, tokens, 3, self.num_heads, head_dim)
     q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
     logits = jnp.einsum("bqhd,bkhd->bhqk", q, k) / jnp.sqrt(jnp.float32(head_dim))
-    weights = quantize_activation(jax.nn.softmax(logits, axis=-1), self.precision)
+    weights = QAct(self.precision, name="act_softmax")(jax.nn.softmax(logits, axis=-1))
     out = jnp.einsum("bhqk,bkhd->bqhd", weights, v).reshape(batch, tokens, width)
     return QDense(width, self.precision, kernel_init=self.kernel_init, name="proj")(out)
 
@@ -367,8 +510,8 @@ class TransformerBlock(nn.Module):
   @nn.compact
   def __call__(self, x: Array) -> Array:
     y = nn.LayerNorm(epsilon=self.epsilon, name="norm1")(x)
-    x = quantize_activation(x + QAttention(self.num_heads, self.precision, name="attn")(y),
-                            self.precision)
+    x = QAct(self.precision, name="act_attn")(
+        x + QAttention(self.num_heads, self.precision, name="attn")(y))
     y = nn.LayerNorm(epsilon=self.epsilon, name="norm2")(x)
-    return quantize_activation(x + QMlp(self.mlp_features, self.precision, name="mlp")(y),
-                               self.precision)
+    return QAct(self.precision, name="act_mlp")(
+        x + QMlp(self.mlp_features, self.precision, name="mlp")(y))

@@ -1,9 +1,9 @@
 """Residual networks: ResNet12 (few-shot learning) and ResNet18 (torchvision/ImageNet layout).
 
-Both are built from :class:`fwdgrad.models.layers.ConvBN`, so in evaluation mode every BatchNorm is
-folded into its convolution and, with a fixed-point ``precision``, the folded kernels are rounded
-to ``weight_bits`` and every activation to ``activation_bits``. Residual sums and the global average
-pool are rounded too. The features are the globally average-pooled output of the last stage.
+Both are built from :class:`fwdgrad.models.layers.ConvBN`, so in evaluation mode every BatchNorm
+acts on its convolution's accumulator and, with a fixed-point ``precision``, the kernels are
+rounded to ``weight_bits`` and every activation to ``activation_bits``. Residual sums and the global
+average pool are rounded too. The features are the globally average-pooled output of the last stage.
 
 Module names follow the original code so that checkpoints map one to one: ResNet18 has ``conv1``
 (the stem conv and ``bn1``), ``layer{1..4}_{j}`` with ``conv1``, ``conv2`` and ``downsample``, and
@@ -17,6 +17,7 @@ References:
 
 from __future__ import annotations
 
+import functools
 from typing import Optional, Sequence, Union
 
 import flax.linen as nn
@@ -29,7 +30,7 @@ PrecisionLike = Union[str, layers.Precision, None]
 
 
 def _global_average_pool(x: jax.Array, precision: PrecisionLike) -> jax.Array:
-  return layers.quantize_activation(jnp.mean(x, axis=(1, 2)), precision)
+  return layers.QAct(precision, name="act_pool")(jnp.mean(x, axis=(1, 2)))
 
 
 class BasicBlock(nn.Module):
@@ -45,13 +46,13 @@ class BasicBlock(nn.Module):
   @nn.compact
   def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
     strides = (self.strides, self.strides)
-    y = layers.ConvBN(self.features, (3, 3), strides, 1, self.precision, name="conv1")(x, train)
-    y = layers.ConvBN(self.features, (3, 3), (1, 1), 1, self.precision, name="conv2")(
-        nn.relu(y), train)
+    # Inputs come from ReLUs of quantized sums: on the grid of the quantizer before, as read.
+    conv = functools.partial(layers.ConvBN, precision=self.precision, quantize_input=False)
+    y = conv(self.features, (3, 3), strides, 1, name="conv1")(x, train)
+    y = conv(self.features, (3, 3), (1, 1), 1, name="conv2")(nn.relu(y), train)
     if self.strides != 1 or x.shape[-1] != self.features:
-      x = layers.ConvBN(self.features, (1, 1), strides, 0, self.precision, name="downsample")(
-          x, train)
-    return nn.relu(layers.quantize_activation(x + y, self.precision))
+      x = conv(self.features, (1, 1), strides, 0, name="downsample")(x, train)
+    return nn.relu(layers.QAct(self.precision, name="act_sum")(x + y))
 
 
 class ResNet18(nn.Module):
@@ -68,7 +69,7 @@ class ResNet18(nn.Module):
     precision: ``"float"``, ``"16w8a"``, ...
 
   Call with ``images`` ``(batch, height, width, 3)`` and ``train`` (``True``: batch statistics,
-  ``mutable=["batch_stats"]``; ``False``: folded BatchNorm).
+  ``mutable=["batch_stats"]``; ``False``: BatchNorm with running statistics).
   """
   num_classes: Optional[int] = 1000
   widths: Sequence[int] = (64, 128, 256, 512)
@@ -81,8 +82,9 @@ class ResNet18(nn.Module):
       raise ValueError(
           f"ResNet18 needs one width per stage: got widths={tuple(self.widths)} and "
           f"blocks={tuple(self.blocks)}.")
-    x = layers.quantize_activation(images, self.precision)
-    x = layers.ConvBN(self.widths[0], (7, 7), (2, 2), 3, self.precision, name="conv1")(x, train)
+    x = layers.QAct(self.precision, name="act_input")(images)
+    x = layers.ConvBN(self.widths[0], (7, 7), (2, 2), 3, self.precision, quantize_input=False,
+                      name="conv1")(x, train)
     x = nn.max_pool(nn.relu(x), (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
     for stage, (width, count) in enumerate(zip(self.widths, self.blocks)):
       for j in range(count):
@@ -91,7 +93,7 @@ class ResNet18(nn.Module):
     x = _global_average_pool(x, self.precision)
     if self.num_classes is None:
       return x
-    return layers.QDense(self.num_classes, self.precision, name="head")(x)
+    return layers.QDense(self.num_classes, self.precision, quantize_input=False, name="head")(x)
 
 
 class ResNet12Block(nn.Module):
@@ -110,7 +112,7 @@ class ResNet12Block(nn.Module):
         y = nn.leaky_relu(y, self.negative_slope)
     shortcut = layers.ConvBN(self.features, (1, 1), (1, 1), 0, self.precision,
                              name="downsample")(x, train)
-    y = nn.leaky_relu(layers.quantize_activation(y + shortcut, self.precision),
+    y = nn.leaky_relu(layers.QAct(self.precision, name="act_sum")(y + shortcut),
                       self.negative_slope)
     return nn.max_pool(y, (2, 2), strides=(2, 2))
 
@@ -132,10 +134,10 @@ class ResNet12(nn.Module):
 
   @nn.compact
   def __call__(self, images: jax.Array, train: bool = False) -> jax.Array:
-    x = layers.quantize_activation(images, self.precision)
+    x = layers.QAct(self.precision, name="act_input")(images)
     for i, width in enumerate(self.widths):
       x = ResNet12Block(width, self.precision, name=f"block{i}")(x, train)
     x = _global_average_pool(x, self.precision)
     if self.num_classes is None:
       return x
-    return layers.QDense(self.num_classes, self.precision, name="head")(x)
+    return layers.QDense(self.num_classes, self.precision, quantize_input=False, name="head")(x)

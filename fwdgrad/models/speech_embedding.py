@@ -113,7 +113,7 @@ class SpeechEmbedding(nn.Module):
           f"SpeechEmbedding expects features of shape (batch, {INPUT_FRAMES}, {NUM_MELS}) or "
           f"(batch, {INPUT_FRAMES}, {NUM_MELS}, 1), got {tuple(jnp.shape(features))}; make them "
           "with fwdgrad.data.audio.embedding_features(fit_length(audio)) from 16 kHz audio.")
-    x = layers.quantize_activation(x, self.precision)
+    x = layers.QAct(self.precision, name="act_input")(x)
     last = len(CONVS) - 1
     for i, spec in enumerate(CONVS):
       x = layers.QConv(spec.features, spec.kernel_size, padding=spec.padding,

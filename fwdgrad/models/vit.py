@@ -94,7 +94,7 @@ class ViT(nn.Module):
     pos_embed = self.param("pos_embed", nn.initializers.truncated_normal(0.02),
                            (1, x.shape[1] + 1, self.width))
     x = jnp.concatenate([jnp.broadcast_to(cls_token, (batch, 1, self.width)), x], axis=1)
-    x = layers.quantize_activation(x + pos_embed, self.precision)
+    x = layers.QAct(self.precision, name="act_embed")(x + pos_embed)
     prompts = None
     if self.num_prompts:
       # VPT's initialisation: uniform with the Xavier bound of a patch-to-width projection.
@@ -105,16 +105,17 @@ class ViT(nn.Module):
           (self.depth, self.num_prompts, self.width))
     for i in range(self.depth):
       if prompts is not None:
-        tokens = layers.quantize_activation(
-            jnp.broadcast_to(prompts[i], (batch, self.num_prompts, self.width)), self.precision)
+        tokens = layers.QAct(self.precision, name=f"act_prompts_{i}")(
+            jnp.broadcast_to(prompts[i], (batch, self.num_prompts, self.width)))
         patches = x[:, 1:] if i == 0 else x[:, 1 + self.num_prompts:]
         x = jnp.concatenate([x[:, :1], tokens, patches], axis=1)
       x = layers.TransformerBlock(self.num_heads, self.mlp_features, self.precision,
                                   name=f"blocks_{i}")(x)
     x = nn.LayerNorm(epsilon=1e-6, name="norm")(x[:, 0])
-    x = layers.quantize_activation(x, self.precision)
+    x = layers.QAct(self.precision, name="act_norm")(x)
     if self.num_classes is None:
       return x
-    return layers.QDense(self.num_classes, self.precision, kernel_init=layers.vit_kernel_init,
+    return layers.QDense(self.num_classes, self.precision, quantize_input=False,
+                         kernel_init=layers.vit_kernel_init,
                          name="head")(x)
 
