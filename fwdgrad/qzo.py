@@ -266,10 +266,7 @@ def update_multiplier(learning_rate, weight_scale: PyTree, fmt: PerturbationForm
       lambda s: jnp.asarray(learning_rate, jnp.float32) * fmt.scale / s, weight_scale)
   if factor is not None:
     ratio = jax.tree_util.tree_map(jnp.multiply, ratio, factor)
-  treedef = jax.tree_util.tree_structure(weight_scale)
-  pairs = [fixed_point.fixed_point_multiplier_array(r) for r in treedef.flatten_up_to(ratio)]
-  return (jax.tree_util.tree_unflatten(treedef, [p[0] for p in pairs]),
-          jax.tree_util.tree_unflatten(treedef, [p[1] for p in pairs]))
+  return _ratio_multipliers(ratio)
 
 
 def _trees_equal(a: PyTree, b: PyTree) -> jax.Array:
