@@ -185,8 +185,12 @@ def _ratio_multipliers(ratio: PyTree):
           jax.tree_util.tree_unflatten(treedef, [p[1] for p in pairs]))
 
 
-def _override_scales(scale: PyTree, given: PyTree) -> PyTree:
-  """``given`` where it has a ``Δ_w``, the computed ``scale`` where it has ``None``."""
+def _override_scales(scale: PyTree, given: PyTree, params: PyTree) -> PyTree:
+  """``given`` where it has a ``Δ_w``, the computed ``scale`` where it has ``None``.
+
+  A given ``Δ_w`` must broadcast against its parameter leaf without growing it (a scalar, or one
+  per output channel on the last axis), since ``w_q = round(w / Δ_w)`` keeps the leaf's shape.
+  """
   treedef = jax.tree_util.tree_structure(scale)
   try:
     given_leaves = treedef.flatten_up_to(given)
@@ -194,14 +198,21 @@ def _override_scales(scale: PyTree, given: PyTree) -> PyTree:
     raise ValueError("qzo_ff(weight_scale=...) must have the structure of the params given to "
                      f"init, with None where the rule should choose: {error}") from None
   leaves = []
-  for computed, chosen in zip(jax.tree_util.tree_leaves(scale), given_leaves):
+  names = _names(params)
+  for name, computed, chosen, leaf in zip(names, jax.tree_util.tree_leaves(scale), given_leaves,
+                                          jax.tree_util.tree_leaves(params)):
     if chosen is None:
       leaves.append(computed)
       continue
     chosen = jnp.asarray(chosen, jnp.float32)
-    if not jnp.ndim(chosen) <= jnp.ndim(computed) and not jnp.ndim(computed) == 0:
-      raise ValueError(f"qzo_ff(weight_scale=...): a scale of shape {jnp.shape(chosen)} does "
-                       "not broadcast against its leaf.")
+    try:
+      fits = np.broadcast_shapes(jnp.shape(chosen), jnp.shape(leaf)) == tuple(jnp.shape(leaf))
+    except ValueError:
+      fits = False
+    if not fits:
+      raise ValueError(f"qzo_ff(weight_scale=...): the scale for {name} has shape "
+                       f"{jnp.shape(chosen)}, which does not broadcast against the leaf's shape "
+                       f"{jnp.shape(leaf)}; give a scalar or one Δ_w per output channel.")
     leaves.append(jax.lax.stop_gradient(chosen))
   return jax.tree_util.tree_unflatten(treedef, leaves)
 
@@ -398,7 +409,7 @@ def qzo_ff(
     estimators._check_params(params)
     scale = fixed_point.weight_scales(params, weight_bits, axis=axis, scale_method=scale_method)
     if weight_scale is not None:
-      scale = _override_scales(scale, weight_scale)
+      scale = _override_scales(scale, weight_scale, params)
     epsilon_q = jax.tree_util.tree_map(
         lambda s: jnp.clip(jnp.round(epsilon / s), 0, levels).astype(jnp.int32), scale)
     _warn_frozen_leaves(params, scale, epsilon_q, fmt, learning_rate, rounding, kernelwise,

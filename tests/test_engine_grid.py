@@ -340,6 +340,15 @@ def test_weight_scales_of_a_model_match_qzo_ff_by_default():
     chex.assert_trees_all_equal(state.weight_scale[path]["kernel"], scales[path]["kernel"])
 
 
+def test_a_weight_scale_that_does_not_fit_its_leaf_is_refused():
+  params = {"dense": {"kernel": jnp.ones((4, 3)), "bias": jnp.ones(3)}}
+  fwdgrad.qzo_ff(1e-3, key=0, weight_scale={"dense": {"kernel": jnp.full((3,), 0.1),
+                                                     "bias": None}}).init(params)
+  for bad in (jnp.full((4,), 0.1), jnp.full((2, 4, 3), 0.1)):  # wrong axis; grows the leaf
+    with pytest.raises(ValueError, match=r"\['dense'\]\['kernel'\].*does not broadcast"):
+      fwdgrad.qzo_ff(1e-3, key=0, weight_scale={"dense": {"kernel": bad, "bias": None}}).init(params)
+
+
 # No silently frozen leaves ---------------------------------------------------------------------
 
 def _bias_problem():
