@@ -18,7 +18,9 @@ backbone, ``"dvpt"`` the ViT's prompt tokens, ``"lp"`` nothing of the backbone; 
 sparse. The head is ``"protonet"`` / ``"simpleshot"`` (no parameters: the loss is the episode loss
 on the support set, prototypes from the support set) or ``"linear"`` / ``"mlp3"`` (LP-1 / LP-3
 heads trained with cross-entropy; a linear head starts as the ProtoNets classifier of the support
-set, so adaptation starts from the zero-shot predictions).
+set, so adaptation starts from the zero-shot predictions), or ``"pretrained"``: LP-1 from the
+pre-trained classifier (transfer tasks on the pre-training's classes, as the paper's OOD runs;
+zero-shot is that classifier).
 """
 
 from __future__ import annotations
@@ -38,7 +40,7 @@ from fwdgrad import models
 
 METHOD_KINDS = ("zero_shot", "backprop", "ff", "spsa", "qzo_ff")
 MODES = ("ft", "lp", "dvpt")
-HEADS = ("protonet", "simpleshot", "linear", "mlp3")
+HEADS = ("protonet", "simpleshot", "linear", "mlp3", "pretrained")
 OPTIMIZERS = ("sgd", "momentum", "adam")
 _SIMPLESHOT_TEMPERATURE = 10.0
 
@@ -155,12 +157,28 @@ def _batched_features(apply_fn, params, inputs, batch_size: int):
   return features.reshape((-1,) + features.shape[2:])[:n]
 
 
+def _pretrained_head(variables: dict, num_classes: int) -> dict:
+  """The pre-trained classifier's ``{"kernel", "bias"}``, checked against the task's classes."""
+  head = (variables.get("head") or {}).get("params")
+  if not head:
+    raise ValueError("config.adapt.head = 'pretrained' needs the pre-trained classifier, which this "
+                     "backbone does not hold (a backbone saved before heads were kept, or imported "
+                     "weights); pre-train again, or use head 'linear' (LP-1 from ProtoNets).")
+  kernel = head["kernel"]
+  if kernel.shape[-1] != num_classes:
+    raise ValueError(f"config.adapt.head = 'pretrained': the pre-trained classifier has "
+                     f"{kernel.shape[-1]} classes but the task has {num_classes}; a pre-trained "
+                     "head fits only the pre-training's classes (use 'linear' otherwise).")
+  return {"kernel": jnp.asarray(kernel), "bias": jnp.asarray(head["bias"])}
+
+
 class Adapter:
   """Adapts a backbone to tasks with one method; build once, call per task.
 
   Args:
     model_name, model_kwargs: the backbone (``fwdgrad.models.get_model``), features only.
-    variables: the pre-trained ``{"params", "batch_stats"}`` of the backbone (no head).
+    variables: the pre-trained ``{"params", "batch_stats"}`` of the backbone (no head), and its
+      ``"head"`` (``{"params": {"kernel", "bias"}}``) where ``adapt_config.head = "pretrained"``.
     method: a method config (``kind``, ``precision``, ``learning_rate``, ``optimizer``,
       ``num_directions``, ``epsilon``, ``distribution``, ``sign``, ``steps``).
     adapt_config: ``mode``, ``head``, ``sparsity``, ``sparse_method``, ``batch_size``,
@@ -199,10 +217,13 @@ class Adapter:
           sparse_method=adapt_config.sparse_method, key=jax.random.key(seed),
           train_head=False)
       self.trainable_backbone, self.frozen = adapt.partition(params, selection)
-    self.parametric_head = head in ("linear", "mlp3")
+    self.parametric_head = head in ("linear", "mlp3", "pretrained")
+    self.pretrained_head = None
+    if head == "pretrained":
+      self.pretrained_head = _pretrained_head(variables, num_classes)
     if self.parametric_head:
       dense = functools.partial(models.QDense, precision=method.precision)
-      self.head = adapt.LinearHead(num_classes, num_layers=1 if head == "linear" else 3,
+      self.head = adapt.LinearHead(num_classes, num_layers=3 if head == "mlp3" else 1,
                                    hidden=adapt_config.head_hidden or None, dense=dense)
     self._run = jax.jit(self._adapt_and_evaluate)
 
@@ -224,6 +245,9 @@ class Adapter:
     return _batched_features(apply, backbone_params, inputs, self.config.eval_batch_size)
 
   def _init_head(self, key, support_features, support_labels):
+    if self.pretrained_head is not None:
+      return jax.tree_util.tree_map(lambda w: w.astype(support_features.dtype),
+                                    {"dense_0": self.pretrained_head})
     variables = self.head.init(key, support_features[:1])
     head = variables["params"]
     if self.config.head == "linear":

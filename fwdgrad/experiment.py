@@ -104,6 +104,9 @@ def default_config() -> ml_collections.ConfigDict:
   config.task.num_tasks = 20
   config.task.test_fraction = 0.1            # transfer: held-out fraction
   config.task.train_examples = 0             # transfer: examples per task (0: all)
+  # transfer: pre-train on this fraction of config.data's examples, kept clean (the shift, e.g.
+  # config.data.corruption, applies to the rest only); 0: pre-train on config.pretrain.data.
+  config.task.pretrain_fraction = 0.0
 
   config.model = ml_collections.ConfigDict()
   config.model.name = "conv4"
@@ -119,11 +122,15 @@ def default_config() -> ml_collections.ConfigDict:
   config.pretrain.log_every = 50
   config.pretrain.checkpoint_every = 100
   config.pretrain.init_checkpoint = ""       # a backbone directory to start from instead
+  # The validation accuracy a healthy pre-training of this config reaches; a run that ends
+  # below it warns loudly (0: no check).
+  config.pretrain.min_val_accuracy = 0.0
   config.pretrain.data = data_defaults()  # source "": pre-train on the base classes
 
   config.adapt = ml_collections.ConfigDict()
   config.adapt.mode = "ft"            # "ft", "lp", "dvpt"
-  config.adapt.head = "protonet"      # "protonet", "simpleshot", "linear" (LP-1), "mlp3" (LP-3)
+  config.adapt.head = "protonet"      # "protonet", "simpleshot", "linear" (LP-1), "mlp3" (LP-3),
+                                      # "pretrained" (LP-1 from the pre-trained classifier)
   config.adapt.steps = 20
   config.adapt.sparsity = 0.0         # 0.9: the paper's 90%-sparse update
   config.adapt.sparse_method = "topk"
@@ -207,10 +214,29 @@ def validate_config(config) -> ml_collections.ConfigDict:
                      "config.model.name = 'vit_tiny' with model.kwargs.num_prompts > 0.")
   if task.kind == "fewshot" and len(task.split_sizes) != 3:
     raise ConfigError("config.task.split_sizes must give (base, validation, novel) sizes.")
-  if task.kind == "transfer" and not (full.pretrain.data.source or full.pretrain.init_checkpoint):
-    raise ConfigError("a transfer task adapts a backbone pre-trained elsewhere: set "
-                     "config.pretrain.data.source (the source domain) or "
+  if task.pretrain_fraction:
+    if task.kind != "transfer":
+      raise ConfigError("config.task.pretrain_fraction splits the examples of a transfer task; "
+                       "few-shot tasks pre-train on their base classes (config.task.split_sizes).")
+    if not 0.0 < task.pretrain_fraction < 1.0:
+      raise ConfigError(f"config.task.pretrain_fraction = {task.pretrain_fraction} must lie in "
+                       "(0, 1) (0: pre-train on config.pretrain.data).")
+    if full.pretrain.data.source:
+      raise ConfigError("set config.task.pretrain_fraction (pre-train on part of config.data) or "
+                       "config.pretrain.data.source (another dataset), not both.")
+  if task.kind == "transfer" and not (full.pretrain.data.source or full.pretrain.init_checkpoint
+                                      or task.pretrain_fraction):
+    raise ConfigError("a transfer task adapts a pre-trained backbone: set "
+                     "config.pretrain.data.source (the source domain), "
+                     "config.task.pretrain_fraction (a clean part of config.data) or "
                      "config.pretrain.init_checkpoint.")
+  if adapt.head == "pretrained" and task.kind != "transfer":
+    raise ConfigError("config.adapt.head = 'pretrained' keeps the pre-trained classifier, which "
+                     "only a transfer task (the same classes) can use; few-shot tasks take "
+                     "'protonet', 'simpleshot', 'linear' or 'mlp3'.")
+  if not 0.0 <= full.pretrain.min_val_accuracy <= 1.0:
+    raise ConfigError(f"config.pretrain.min_val_accuracy = {full.pretrain.min_val_accuracy} must "
+                     "be a fraction in [0, 1] (0: no check).")
   init = full.pretrain.init_checkpoint
   if init and not os.path.exists(os.path.expanduser(init)):
     raise ConfigError(f"config.pretrain.init_checkpoint = {init!r} does not exist; give the "
@@ -294,8 +320,21 @@ def methods(config) -> Iterator[tuple[str, ml_collections.ConfigDict]]:
   yield from sorted(config.methods.items(), key=lambda item: (order[item[1].kind], item[0]))
 
 
-def load_data(data_config):
-  """Loads ``data_config.source`` and applies the frontend and ``max_examples``."""
+def corrupt(dataset, data_config, seed: int = 0):
+  """``dataset`` with ``data_config.corruption`` at ``data_config.severity`` (none: unchanged)."""
+  if not data_config.corruption:
+    return dataset
+  from fwdgrad.data import corruptions  # pylint: disable=g-import-not-at-top
+  return dataset._replace(inputs=corruptions.corrupt(
+      dataset.inputs, data_config.corruption, data_config.severity, seed=seed))
+
+
+def load_data(data_config, apply_corruption: bool = True):
+  """Loads ``data_config.source`` and applies the frontend and ``max_examples``.
+
+  With ``apply_corruption=False`` the corruption is left for the caller (:func:`corrupt`), which
+  applies it to the adaptation part of a transfer task alone.
+  """
   dataset = sources.load_dataset(data_config.source, **data_config.kwargs.to_dict())
   if data_config.max_examples and data_config.max_examples < dataset.num_examples:
     order = np.random.default_rng(0).permutation(dataset.num_examples)
@@ -310,10 +349,8 @@ def load_data(data_config):
     is_positive = np.isin(np.asarray(dataset.class_names)[dataset.labels], positive)
     dataset = dataset._replace(labels=is_positive.astype(np.int32),
                                class_names=("other", "+".join(positive)))
-  if data_config.corruption:
-    from fwdgrad.data import corruptions  # pylint: disable=g-import-not-at-top
-    dataset = dataset._replace(inputs=corruptions.corrupt(
-        dataset.inputs, data_config.corruption, data_config.severity, seed=0))
+  if apply_corruption:
+    dataset = corrupt(dataset, data_config)
   if data_config.frontend == "log_mel":
     from fwdgrad.data import audio  # pylint: disable=g-import-not-at-top
     if dataset.inputs.ndim != 2:

@@ -136,6 +136,25 @@ def plot_adaptation(curves: Mapping[str, np.ndarray], accuracies: Mapping[str, S
   return _save(fig, path, title)
 
 
+def headroom(backprop: Sequence[float], zero_shot: Sequence[float], *, margin: float = 0.03
+             ) -> dict:
+  """Whether a task leaves room to adapt: backprop beats zero-shot by ``margin``, interval > 0.
+
+  ``backprop[i]`` and ``zero_shot[i]`` are accuracies of the same replicate (seed); the interval
+  is the Student-t 95% interval of the paired differences. A task that fails this says nothing
+  about forward gradients, whatever they score on it.
+
+  Returns:
+    ``{"gap", "ci95", "meets"}`` (accuracy fractions).
+  """
+  diffs = np.asarray(backprop, np.float64) - np.asarray(zero_shot, np.float64)
+  if diffs.ndim != 1 or diffs.size < 2:
+    raise ValueError("headroom needs paired accuracies of at least 2 replicates, got "
+                     f"{diffs.size}.")
+  gap, half = mean_confidence_interval(diffs)
+  return {"gap": gap, "ci95": half, "meets": bool(gap >= margin and gap - half > 0)}
+
+
 def summarize(accuracies: Sequence[float]) -> dict:
   """Mean accuracy, its 95% CI half-width and the number of tasks."""
   mean, ci95 = mean_confidence_interval(accuracies)

@@ -4,7 +4,8 @@ This is what ``train.py``, the tests and the notebooks call. A run:
 
 1. checks the whole config before any work (:func:`fwdgrad.experiment.validate_config`);
 2. loads the data and splits it: few-shot tasks take class-disjoint base / validation / novel
-   classes (and, for audio, speaker-disjoint parts); transfer tasks a train / test split;
+   classes (and, for audio, speaker-disjoint parts); transfer tasks a train / test split (and,
+   with ``task.pretrain_fraction``, a clean pre-training part the shift never touches);
 3. pre-trains the backbone with backprop on the base classes (or a separate source dataset), with
    checkpoints every ``pretrain.checkpoint_every`` steps, and saves it; a later run, or the same run
    started again, loads it (``pretrain.init_checkpoint`` loads one from elsewhere);
@@ -29,8 +30,10 @@ Layout of ``workdir``::
 from __future__ import annotations
 
 import json
+import logging
 import os
 import time
+import warnings
 from typing import Optional
 
 import jax
@@ -67,8 +70,15 @@ class Splits:
 
 def make_splits(config) -> Splits:
   """Loads and splits the data of ``config`` (see the module docstring)."""
-  data = experiment.load_data(config.data)
   task = config.task
+  data = experiment.load_data(config.data, apply_corruption=not task.pretrain_fraction)
+  source = None
+  if task.kind == "transfer" and task.pretrain_fraction:
+    # Pre-train on a clean part; the shift (and the noise of a corruption, per seed) touches only
+    # the examples the tasks adapt on and score, which pre-training never saw.
+    source, data = dataset_lib.split_examples(data, 1.0 - task.pretrain_fraction,
+                                              seed=config.seed)
+    data = experiment.corrupt(data, config.data, seed=config.seed)
   if task.kind == "fewshot":
     sizes = tuple(size for size in task.split_sizes if size)  # An empty validation part is fine.
     if task.split_by == "class_and_group":
@@ -84,7 +94,6 @@ def make_splits(config) -> Splits:
     adapt_set, adapt_test = novel, None
   else:
     adapt_set, adapt_test = dataset_lib.split_examples(data, task.test_fraction, seed=config.seed)
-    source = None
   if config.pretrain.data.source:
     source = experiment.load_data(config.pretrain.data)
   if source is None:
@@ -207,7 +216,10 @@ def pretrain(config, splits: Splits, workdir: str) -> dict:
   reporting.plot_curves(reporting.read_metrics(writer.path), ("loss", "accuracy", "val_accuracy"),
                         os.path.join(workdir, "plots", "pretrain.png"), "pre-training (backprop)")
   backbone = {"params": {k: v for k, v in state["variables"]["params"].items() if k != "head"},
-              "batch_stats": state["variables"]["batch_stats"]}
+              "batch_stats": state["variables"]["batch_stats"],
+              # The pre-trained classifier, for transfer tasks on the same classes
+              # (config.adapt.head = "pretrained"; its zero-shot is this classifier).
+              "head": {"params": state["variables"]["params"]["head"]}}
   save_backbone(backbone_dir, backbone)
   return backbone
 
@@ -239,6 +251,33 @@ def load_backbone(path: str, model_name: Optional[str] = None) -> dict:
     variables = ocp.StandardCheckpointer().restore(path)
   variables.setdefault("batch_stats", {})
   return jax.tree_util.tree_map(jnp.asarray, variables)
+
+
+def pretrain_report(config, workdir: str) -> dict:
+  """The pre-training's last validation accuracy against ``config.pretrain.min_val_accuracy``.
+
+  Warns (and says so in the report) when a pre-training falls short: adaptation results on a
+  backbone that never learned say nothing about the adaptation methods.
+  """
+  rows = [r for r in reporting.read_metrics(os.path.join(workdir, "pretrain", "metrics.jsonl"))
+          if "val_accuracy" in r]
+  if not rows:  # Loaded from elsewhere (init_checkpoint) or no validation split.
+    return {}
+  report = {"steps": int(rows[-1]["step"]), "val_accuracy": float(rows[-1]["val_accuracy"]),
+            "min_val_accuracy": float(config.pretrain.min_val_accuracy)}
+  report["healthy"] = report["val_accuracy"] >= report["min_val_accuracy"]
+  if not report["healthy"]:
+    message = (f"PRE-TRAINING FELL SHORT: validation accuracy {report['val_accuracy']:.3f} after "
+               f"{report['steps']} steps, below the {report['min_val_accuracy']:.3f} this config "
+               "expects (config.pretrain.min_val_accuracy). Adaptation results on this backbone "
+               "do not measure the methods; pre-train longer or fix the learning rate.")
+    warnings.warn(message, PretrainingWarning)
+    logging.warning(message)
+  return report
+
+
+class PretrainingWarning(UserWarning):
+  """A pre-training ended below the validation accuracy its config expects."""
 
 
 # ---------------------------------------------------------------------------------------------
@@ -338,11 +377,20 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   except ValueError as error:  # What a data source says about its arguments or files.
     raise experiment.ConfigError(f"config.data (source {config.data.source!r}): {error}") from error
   variables = pretrain(config, splits, workdir)
+  health = pretrain_report(config, workdir)
   results = adapt_all(config, splits, variables, workdir)
   reference = "backprop" if "backprop" in results else None
   table = reporting.results_table(results, reference)
+  if health:
+    table += (f"\n\npre-training: validation accuracy {100 * health['val_accuracy']:.2f}% after "
+              f"{health['steps']} steps (expected at least "
+              f"{100 * health['min_val_accuracy']:.2f}%)"
+              + ("" if health["healthy"] else " -- FELL SHORT, see the warning above"))
   with open(os.path.join(workdir, "results.json"), "w") as f:
     json.dump(results, f, indent=2)
+  if health:
+    with open(os.path.join(workdir, "pretrain", "health.json"), "w") as f:
+      json.dump(health, f, indent=2)
   with open(os.path.join(workdir, "results.md"), "w") as f:
     f.write(table + "\n")
   print(table)

@@ -150,11 +150,27 @@ def test_confidence_interval_formula():
   values = np.array([0.5, 0.7, 0.9, 0.6])
   mean, ci95 = data.mean_confidence_interval(values)
   assert mean == pytest.approx(0.675, abs=1e-12)
-  spread = math.sqrt(np.mean((values - 0.675) ** 2))
-  assert ci95 == pytest.approx(1.96 * spread / 2.0, abs=1e-12)
-  assert data.mean_confidence_interval([0.3])[1] == 0.0
+  spread = math.sqrt(np.sum((values - 0.675) ** 2) / 3)  # the sample sd, T - 1 = 3
+  assert ci95 == pytest.approx(3.182446305284263 * spread / 2.0, abs=1e-12)  # t_{0.975, 3}
+  assert math.isnan(data.mean_confidence_interval([0.3])[1])  # one value: no interval
   with pytest.raises(ValueError, match="non-empty"):
     data.mean_confidence_interval([])
+
+
+def test_headroom_rule_needs_3_points_and_an_interval_above_zero():
+  from fwdgrad import reporting
+  # Gap 10 points, tight: meets. Mean gap 4 points but one seed at -4: interval crosses 0.
+  room = reporting.headroom([0.95, 0.96, 0.94], [0.85, 0.86, 0.84])
+  assert room["meets"] and room["gap"] == pytest.approx(0.10)
+  assert room["ci95"] == pytest.approx(0.0, abs=1e-12)
+  noisy = reporting.headroom([0.95, 0.99, 0.86], [0.90, 0.91, 0.90])
+  assert noisy["gap"] == pytest.approx(0.03) and not noisy["meets"]
+  # (sd of (5, 8, -4) points = 6.24; t_{0.975,2} = 4.303; half-width 15.5 points.)
+  assert noisy["ci95"] == pytest.approx(4.302652729911275 * 0.0624499799839840 / math.sqrt(3))
+  small = reporting.headroom([0.92, 0.921, 0.919], [0.90, 0.901, 0.899])  # 2 points, exact
+  assert not small["meets"]
+  with pytest.raises(ValueError, match="at least 2 replicates"):
+    reporting.headroom([0.9], [0.8])
 
 
 def _nearest_prototype_accuracy(episode):

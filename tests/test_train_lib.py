@@ -17,6 +17,7 @@ import pytest
 import fwdgrad
 from fwdgrad import adaptation
 from fwdgrad import experiment
+from fwdgrad import models
 from fwdgrad import train_lib
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -37,6 +38,65 @@ def tiny_quickstart():
   config.pretrain.steps = 6
   config.task.num_tasks = 3
   return config
+
+
+def tiny_fewshot():
+  """The quickstart's pipeline on few-shot tasks: 5-way 5-shot episodes of 7 unseen digits."""
+  config = tiny_quickstart()
+  config.data.corruption = ""
+  config.task.kind = "fewshot"
+  config.task.pretrain_fraction = 0.0
+  config.task.split_sizes = (3, 0, 7)
+  config.task.ways, config.task.shots, config.task.queries = 5, 5, 3
+  config.adapt.mode, config.adapt.head = "ft", "protonet"
+  return config
+
+
+def test_a_transfer_task_pretrains_on_a_clean_part_it_never_scores():
+  config = experiment.validate_config(tiny_quickstart())
+  splits = train_lib.make_splits(config)
+  clean = experiment.load_data(config.data, apply_corruption=False)
+  def rows(dataset):
+    return {row.tobytes() for row in np.asarray(dataset.inputs).reshape(dataset.num_examples, -1)}
+  clean_rows = rows(clean)
+  # Pre-training reads clean digits; the tasks read corrupted ones (no example is clean there);
+  # no scored example is one pre-training saw (blurred or not, by index).
+  assert rows(splits.pretrain) | rows(splits.pretrain_val) <= clean_rows
+  assert not rows(splits.adapt) & clean_rows and not rows(splits.adapt_test) & clean_rows
+  total = splits.pretrain.num_examples + splits.pretrain_val.num_examples
+  assert total + splits.adapt.num_examples + splits.adapt_test.num_examples == clean.num_examples
+  assert abs(total - 0.5 * clean.num_examples) <= 10
+
+
+def test_the_pretrained_head_is_the_zero_shot_classifier(tmp_path):
+  config = tiny_quickstart()
+  config.methods = dict(zero_shot=dict(kind="zero_shot"))
+  results = train_lib.train_and_evaluate(config, str(tmp_path))
+  config = experiment.validate_config(config)
+  splits = train_lib.make_splits(config)
+  variables = train_lib.load_backbone(str(tmp_path / "backbone"))
+  model = models.get_model("conv4", num_classes=10, **config.model.kwargs.to_dict())
+  full = {"params": {**variables["params"], "head": variables["head"]["params"]},
+          "batch_stats": variables["batch_stats"]}
+  logits = model.apply(full, jnp.asarray(splits.adapt_test.inputs))
+  expected = float(np.mean(np.argmax(logits, -1) == splits.adapt_test.labels))
+  np.testing.assert_allclose(results["zero_shot"]["accuracy"], expected, atol=1e-6)
+  # A head that does not fit the task's classes is refused by name.
+  variables["head"]["params"]["kernel"] = variables["head"]["params"]["kernel"][:, :3]
+  with pytest.raises(ValueError, match="pre-trained classifier has 3 classes but the task has 10"):
+    adaptation.Adapter("conv4", config.model.kwargs.to_dict(), variables,
+                       config.methods.zero_shot, config.adapt, 10, 0)
+
+
+def test_a_pretraining_that_falls_short_warns_and_says_so_in_the_report(tmp_path):
+  config = tiny_quickstart()
+  config.methods = dict(zero_shot=dict(kind="zero_shot"))
+  config.pretrain.min_val_accuracy = 0.999  # 4 steps of a tiny net cannot reach it.
+  with pytest.warns(train_lib.PretrainingWarning, match="PRE-TRAINING FELL SHORT"):
+    train_lib.train_and_evaluate(config, str(tmp_path))
+  assert "FELL SHORT" in open(tmp_path / "results.md").read()
+  health = json.load(open(tmp_path / "pretrain" / "health.json"))
+  assert health["healthy"] is False and health["min_val_accuracy"] == 0.999
 
 
 def test_tiny_run_writes_everything_a_person_looks_at(tmp_path):
@@ -152,7 +212,7 @@ def test_bad_methods_are_caught():
   config.methods.qzo.precision = "float"
   with pytest.raises(ValueError, match="fixed-point weight grid"):
     experiment.validate_config(config)
-  config = tiny_quickstart()
+  config = tiny_fewshot()
   config.adapt.mode = "lp"
   with pytest.raises(ValueError, match="leaves nothing to train"):
     experiment.validate_config(config)
@@ -167,11 +227,11 @@ def test_missing_data_path_stops_before_any_work(tmp_path):
 
 
 def test_impossible_episode_shapes_stop_before_training(tmp_path):
-  config = tiny_quickstart()
+  config = tiny_fewshot()
   config.task.ways = 9  # The novel split has 7 classes.
   with pytest.raises(ValueError, match=r"config\.task\.ways = 9 but the novel split has only 7"):
     train_lib.train_and_evaluate(config, str(tmp_path))
-  config = tiny_quickstart()
+  config = tiny_fewshot()
   config.task.queries = 500
   with pytest.raises(ValueError, match="shots \\+ config.task.queries"):
     train_lib.train_and_evaluate(config, str(tmp_path))

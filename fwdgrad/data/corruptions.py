@@ -20,9 +20,11 @@ _IMPULSE_FRACTION = (0.01, 0.02, 0.03, 0.05, 0.07)
 _CONTRAST_FACTOR = (0.75, 0.5, 0.4, 0.3, 0.15)
 _BRIGHTNESS_SHIFT = (0.05, 0.1, 0.15, 0.2, 0.3)
 _PIXELATE_FACTOR = (0.95, 0.9, 0.85, 0.75, 0.65)
+# CIFAR-10-C's Gaussian-blur standard deviations, in pixels of the image as given.
+_BLUR_SIGMA = (0.4, 0.6, 0.7, 0.8, 1.0)
 
 CORRUPTIONS = ("gaussian_noise", "shot_noise", "impulse_noise", "contrast", "brightness",
-               "pixelate")
+               "pixelate", "gaussian_blur")
 
 
 def _pixelate(images: np.ndarray, factor: float) -> np.ndarray:
@@ -73,6 +75,10 @@ def corrupt(images: np.ndarray, corruption: str, severity: int, *, seed: int) ->
     out = (images - mean) * _CONTRAST_FACTOR[level] + mean
   elif corruption == "brightness":
     out = images + _BRIGHTNESS_SHIFT[level]
+  elif corruption == "gaussian_blur":
+    from scipy import ndimage  # pylint: disable=g-import-not-at-top
+    sigma = _BLUR_SIGMA[level]
+    out = ndimage.gaussian_filter(images, sigma=(0.0, sigma, sigma, 0.0), mode="reflect")
   else:
     out = _pixelate(images, _PIXELATE_FACTOR[level])
   return np.clip(out, 0.0, 1.0).astype(np.float32)

@@ -213,25 +213,29 @@ def sample_episodes(dataset: Dataset, seed: Seed, num_episodes: int, *, num_ways
 
 
 def mean_confidence_interval(values: Sequence[float]) -> Tuple[float, float]:
-  """The mean and the half-width of its normal-approximation 95% confidence interval.
+  """The mean and the half-width of its Student-t 95% confidence interval.
 
   .. math::
 
      \\bar a = \\frac{1}{T} \\sum_t a_t, \\qquad
-     \\mathrm{ci}_{95} = 1.96 \\, \\frac{\\sigma}{\\sqrt{T}}, \\qquad
-     \\sigma = \\sqrt{\\tfrac{1}{T} \\sum_t (a_t - \\bar a)^2}
+     \\mathrm{ci}_{95} = t_{0.975,\\,T-1} \\, \\frac{s}{\\sqrt{T}}, \\qquad
+     s = \\sqrt{\\tfrac{1}{T-1} \\sum_t (a_t - \\bar a)^2}
 
-  with the population standard deviation (``np.std``), as few-shot papers report
-  ``mean ± ci95`` over ``T`` test tasks.
+  The t quantile (not 1.96) keeps the interval honest for a handful of seeds: with ``T = 3`` it
+  is 4.30, more than twice the normal value. One value has no interval (``nan``).
 
   Examples:
     >>> mean_confidence_interval([0.5, 0.7])
-    (0.6, 0.1386...)
+    (0.6, 1.2706...)
   """
   values = np.asarray(values, np.float64)
   if values.ndim != 1 or values.size == 0:
     raise ValueError(f"Need a non-empty 1-D sequence of values, got shape {values.shape}.")
-  return float(values.mean()), float(1.96 * values.std() / math.sqrt(values.size))
+  if values.size == 1:
+    return float(values[0]), float("nan")
+  from scipy import stats  # pylint: disable=g-import-not-at-top
+  quantile = float(stats.t.ppf(0.975, values.size - 1))
+  return float(values.mean()), quantile * float(values.std(ddof=1)) / math.sqrt(values.size)
 
 
 def evaluate_episodes(accuracy_fn: Callable[[Episode], float], dataset: Dataset, seed: Seed,
