@@ -223,9 +223,17 @@ def _names(tree: PyTree) -> list:
 
 def _warn_frozen_leaves(params, scale, epsilon_q, fmt, learning_rate, rounding, kernelwise,
                         sharpness_radius, weight_bits) -> None:
-  """Warns, naming the leaves, where ε_q, a unit update or the ascent rounds to 0 (concrete only)."""
+  """Warns, naming the leaves, where ε_q, a unit update or the ascent rounds to 0.
+
+  Under ``jit`` (an init inside a compiled step, as the experiment harness does) the check runs
+  as a host callback on the concrete values, so a frozen leaf is named there too.
+  """
   leaves = jax.tree_util.tree_leaves((params, scale, epsilon_q))
   if any(isinstance(leaf, jax.core.Tracer) for leaf in leaves):
+    jax.debug.callback(
+        lambda p, s, e: _warn_frozen_leaves(p, s, e, fmt, learning_rate, rounding, kernelwise,
+                                            sharpness_radius, weight_bits),
+        params, scale, epsilon_q)
     return
   names = _names(params)
   scales = [np.asarray(s, np.float64) for s in jax.tree_util.tree_leaves(scale)]

@@ -394,6 +394,10 @@ def test_8w8a_failure_is_named_by_a_warning_and_16w8a_is_quiet():
   with warnings.catch_warnings():
     warnings.simplefilter("error", qzo.FrozenLeafWarning)
     fwdgrad.qzo_ff(1e-2, key=0, weight_bits=16).init(params)
+  # Inside jit too (the experiment harness builds its optimizer state in the compiled step).
+  with pytest.warns(qzo.FrozenLeafWarning, match=r"ε rounds to 0 .*\['block0'\]\['kernel'\]"):
+    jax.block_until_ready(jax.jit(
+        fwdgrad.qzo_ff(1e-3, key=0, weight_bits=8, epsilon=1e-3).init)(params))
 
 
 def test_sharpness_ascent_survives_a_large_model_and_warns_when_it_cannot():
