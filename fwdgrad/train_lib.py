@@ -73,7 +73,7 @@ def make_splits(config) -> Splits:
   task = config.task
   data = experiment.load_data(config.data, apply_corruption=not task.pretrain_fraction)
   source = None
-  if task.kind == "transfer" and task.pretrain_fraction:
+  if task.pretrain_fraction:  # (validate_config allows it for transfer tasks only.)
     # Pre-train on a clean part; the shift (and the noise of a corruption, per seed) touches only
     # the examples the tasks adapt on and score, which pre-training never saw.
     source, data = dataset_lib.split_examples(data, 1.0 - task.pretrain_fraction,

@@ -172,12 +172,14 @@ def _rows(path: str):
 def _t_interval(values):
   """Mean and Student-t 95% half-width (nan for one value): seeds are the replicates."""
   from fwdgrad.data import mean_confidence_interval  # pylint: disable=g-import-not-at-top
-  return mean_confidence_interval(np.asarray(values, np.float64))
+  return mean_confidence_interval(values)
 
 
 def _calls(fields: dict, steps: int) -> str:
   """Forward calls (or their equivalents) one task's adaptation costs."""
-  kind, m = fields.get("kind"), fields.get("num_directions", 3)
+  from fwdgrad import experiment  # pylint: disable=g-import-not-at-top
+  kind = fields.get("kind")
+  m = fields.get("num_directions", experiment.METHOD_DEFAULTS["num_directions"])
   if kind == "zero_shot":
     return "0"
   if kind == "backprop":
