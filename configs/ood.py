@@ -4,13 +4,15 @@ LP-1, LP-3 and D-VPT, optionally with a 90%-sparse update.
 
   python train.py --config configs/ood.py --workdir workdirs/ood
 
-Offline default: a small ViT pre-trained on the clean scikit-learn digits adapts to the same
-digits with Gaussian noise at severity 5 (``fwdgrad.data.corruptions``; our own corruption
-strengths, not CIFAR-10-C's). Other corruptions and severities:
+Offline default: a small ViT pre-trained on a clean stratified half of the scikit-learn digits
+(``task.pretrain_fraction``) adapts to the other half with Gaussian noise at severity 5
+(``fwdgrad.data.corruptions``), so no example it scores was seen in pre-training. LP-1 starts from
+the pre-trained classifier (``adapt.head = "pretrained"``), so zero-shot is that classifier.
+Other corruptions and severities:
 ``--config.data.corruption=contrast --config.data.severity=3``.
 
-The paper's setting, for users with the TFDS datasets prepared: ``--config.pretrain.data.source=
-tfds:cifar10 --config.data.source=tfds:cifar10_corrupted/gaussian_noise_5 --config.data.corruption=''``
+The paper's setting, for users with the TFDS datasets prepared: ``--config.task.pretrain_fraction=0
+--config.pretrain.data.source=tfds:cifar10 --config.data.source=tfds:cifar10_corrupted/gaussian_noise_5 --config.data.corruption=''``
 with ``data_dir`` in both ``kwargs`` and ViT-tiny (``model.kwargs.image_size=32``).
 Variants: ``get_config("lp3")``, ``get_config("dvpt")``, ``get_config("sparse")`` (90%-sparse
 D-VPT) and ``get_config("tiny")`` for tests.
@@ -25,7 +27,6 @@ def get_config(arg=None):
   config.data.source = "digits"
   config.data.corruption = "gaussian_noise"
   config.data.severity = 5
-  config.pretrain.data.source = "digits"
   config.model.name = "vit_tiny"
   config.model.kwargs = dict(image_size=8, patch_size=2, width=64, depth=4, num_heads=2,
                              mlp_features=128, num_prompts=4)
@@ -35,10 +36,11 @@ def get_config(arg=None):
   config.pretrain.log_every = 50
   config.pretrain.checkpoint_every = 100
   config.task.kind = "transfer"
+  config.task.pretrain_fraction = 0.5
   config.task.test_fraction = 0.1
   config.task.num_tasks = 3  # Seeds.
   config.adapt.mode = "lp"
-  config.adapt.head = "linear"
+  config.adapt.head = "pretrained"
   config.adapt.steps = 200
   config.adapt.batch_size = 128
   config.methods = dict(

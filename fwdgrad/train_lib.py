@@ -83,9 +83,8 @@ def make_splits(config) -> Splits:
     sizes = tuple(size for size in task.split_sizes if size)  # An empty validation part is fine.
     if task.split_by == "class_and_group":
       # Speakers (or alphabets) of pre-training never appear in the tasks, nor do their classes.
-      first, second = episodes.split_groups(data, tuple(task.group_split), seed=config.seed)
-      base = episodes.split_classes(first, sizes, seed=config.seed)[0]
-      novel = episodes.split_classes(second, sizes, seed=config.seed)[-1]
+      base, novel = episodes.split_classes_and_groups(data, sizes, tuple(task.group_split),
+                                                      seed=config.seed)
     else:
       parts = episodes.split_classes(data, sizes, seed=config.seed)
       base, novel = parts[0], parts[-1]

@@ -30,4 +30,6 @@ if ! ls "$FWDGRAD_OPENWAKEWORD_DIR"/pyopen_wakeword-1.1.0-*.whl >/dev/null 2>&1;
 fi
 
 export FWDGRAD_DATA_DIR=${FWDGRAD_DATA_DIR:-$PWD/../shared/data}
-python -m pytest -q "$@"
+# One worker per core (FWDGRAD_TEST_WORKERS=0 runs in this process); most tests are single-threaded
+# XLA compiles. loadgroup keeps tests that share an expensive module fixture on one worker.
+python -m pytest -q -n "${FWDGRAD_TEST_WORKERS:-2}" --dist loadgroup "$@"

@@ -79,6 +79,30 @@ def test_group_split_keeps_speakers_apart_and_all_digits():
     data.split_groups(data.load_digits(), (0.5, 0.5), seed=0)
 
 
+def test_class_and_group_split_is_disjoint_in_both_when_speakers_say_different_words():
+  # Speaker s says digits s..s+5 (mod 10): cutting the classes inside each speaker half (the old
+  # rule) put a digit in both base and novel for 18 of these 20 seeds.
+  full = _speech_like()
+  keep = (full.labels - full.groups) % 10 < 6
+  speech = data.subset(full, np.flatnonzero(keep))
+  for seed in range(20):
+    base, novel = data.split_classes_and_groups(speech, (0.5, 0.5), (0.5, 0.5), seed=seed)
+    base_digits, novel_digits = (set(p.inputs[:, 0].astype(int)) for p in (base, novel))
+    base_speakers, novel_speakers = (set(p.inputs[:, 1].astype(int)) for p in (base, novel))
+    assert base_digits and novel_digits and not base_digits & novel_digits, seed
+    assert not base_speakers & novel_speakers, seed
+    assert set(base.class_names) == {str(d) for d in base_digits}
+    np.testing.assert_array_equal(novel.labels, np.searchsorted(sorted(novel_digits),
+                                                                novel.inputs[:, 0].astype(int)))
+  # The split is a function of the seed.
+  again = data.split_classes_and_groups(speech, (0.5, 0.5), (0.5, 0.5), seed=3)[1]
+  np.testing.assert_array_equal(again.inputs,
+                                data.split_classes_and_groups(speech, (0.5, 0.5), (0.5, 0.5),
+                                                              seed=3)[1].inputs)
+  with pytest.raises(ValueError, match="no groups"):
+    data.split_classes_and_groups(data.load_digits(), (0.5, 0.5), (0.5, 0.5), seed=0)
+
+
 # Episodes -------------------------------------------------------------------------------------
 
 

@@ -35,6 +35,7 @@ def tiny_study(tmp_path_factory):
 
 
 @pytest.mark.slow
+@pytest.mark.xdist_group("tiny_study")  # one worker builds the shared study once
 def test_tiny_study_writes_figures_grids_and_summary(tiny_study):
   workdir, summary = tiny_study
   out = workdir / "landscape"
@@ -63,6 +64,7 @@ def test_tiny_study_writes_figures_grids_and_summary(tiny_study):
 
 
 @pytest.mark.slow
+@pytest.mark.xdist_group("tiny_study")
 def test_eight_bit_probe_does_not_move_while_sixteen_bit_probe_trains(tiny_study):
   _, summary = tiny_study
   lp = summary["modes"]["lp"]

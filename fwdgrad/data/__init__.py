@@ -8,7 +8,8 @@ Sources (``load_dataset(name, **kwargs)``; nothing is downloaded)
   ``load_tfds``           a prepared TensorFlow Datasets dataset, read without TensorFlow.
 
 Few-shot (``fwdgrad.data.episodes``)
-  ``split_classes`` / ``split_groups``     class- or speaker-disjoint splits from a seed.
+  ``split_classes`` / ``split_groups``     class- or speaker-disjoint splits from a seed
+  ``split_classes_and_groups``             both at once (few-shot audio: new speakers, new words)
   ``sample_episode`` / ``sample_episodes``  N-way K-shot Q-query tasks from (seed, index).
   ``evaluate_episodes``                    mean accuracy over T tasks with a 95% interval.
 """
@@ -25,6 +26,7 @@ from fwdgrad.data.episodes import mean_confidence_interval
 from fwdgrad.data.episodes import sample_episode
 from fwdgrad.data.episodes import sample_episodes
 from fwdgrad.data.episodes import split_classes
+from fwdgrad.data.episodes import split_classes_and_groups
 from fwdgrad.data.episodes import split_groups
 from fwdgrad.data.images import load_image_folder
 from fwdgrad.data.sources import SOURCES
@@ -59,6 +61,7 @@ __all__ = (
     "sample_episode",
     "sample_episodes",
     "split_classes",
+    "split_classes_and_groups",
     "split_examples",
     "split_groups",
     "subset",

@@ -141,6 +141,39 @@ def split_groups(dataset: Dataset, sizes: Sequence[Union[int, float]], *, seed: 
   return parts
 
 
+def split_classes_and_groups(dataset: Dataset, class_sizes: Sequence[Union[int, float]],
+                             group_sizes: Sequence[Union[int, float]], *, seed: Seed
+                             ) -> Tuple[Dataset, Dataset]:
+  """``(base, novel)`` with disjoint classes *and* disjoint groups (speakers, alphabets).
+
+  The classes and the groups are each cut once over the whole dataset, with the same generators
+  as :func:`split_classes` and :func:`split_groups`: ``base`` holds the first class part's
+  examples by the first group part, ``novel`` the last class part's by the last group part.
+  Cutting the classes inside each group part instead can put one class in both when the parts hold
+  different class sets.
+  """
+  if dataset.groups is None:
+    raise ValueError("The dataset has no groups; load it with a source that records them (e.g. "
+                     "a wav_folder pattern with (?P<group>...)) or split by class instead.")
+
+  def cut(values, sizes, purpose, what):
+    present = np.unique(values)
+    counts = _part_sizes(sizes, present.size, what)
+    order = _rng(seed, purpose).permutation(present)
+    return order[:counts[0]], order[sum(counts[:-1]):sum(counts)]
+
+  base_classes, novel_classes = cut(dataset.labels, class_sizes, 1, "classes")
+  base_groups, novel_groups = cut(dataset.groups, group_sizes, 2, "groups")
+  parts = []
+  for classes, groups in ((base_classes, base_groups), (novel_classes, novel_groups)):
+    mask = np.isin(dataset.labels, classes) & np.isin(dataset.groups, groups)
+    if not mask.any():
+      raise ValueError(f"No example has one of the classes {sorted(classes.tolist())} and one of "
+                       f"the groups {sorted(groups.tolist())}; change the sizes or the seed.")
+    parts.append(subset(dataset, np.flatnonzero(mask), relabel=True))
+  return tuple(parts)
+
+
 def episode_indices(labels: np.ndarray, seed: Seed, index: int, *, num_ways: int,
                     num_shots: int, num_queries: int
                     ) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
