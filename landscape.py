@@ -11,7 +11,7 @@ from absl import app
 from absl import flags
 from ml_collections import config_flags
 
-from fwdgrad import experiment
+from fwdgrad import cli
 from fwdgrad import landscape_study
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Study config file.",
@@ -23,11 +23,8 @@ flags.mark_flags_as_required(["config", "workdir"])
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
-  try:
-    landscape_study.run_study(_CONFIG.value, _WORKDIR.value)
-  except experiment.ConfigError as error:
-    raise SystemExit(f"config error: {error}") from None
+  cli.run_main(lambda: landscape_study.run_study(_CONFIG.value, _WORKDIR.value), _WORKDIR.value)
 
 
 if __name__ == "__main__":
-  app.run(main)
+  app.run(main, flags_parser=cli.parse_flags)

@@ -23,6 +23,7 @@ FASHION_MNIST = "/usr/share/datasets/fashion-mnist"
 
 
 def get_config(arg=None):
+  experiment.config_variant(arg, ("dvpt", "tiny", "tiny_dvpt"), "configs/cross_domain.py")
   config = experiment.default_config()
   config.data.source = "idx"
   config.data.kwargs = dict(path=FASHION_MNIST, split="t10k")

@@ -23,6 +23,7 @@ from fwdgrad import experiment
 
 
 def get_config(arg=None):
+  experiment.config_variant(arg, ("tiny", "speech_embedding", "tiny_speech_embedding"), "configs/fewshot_audio.py")
   config = experiment.default_config()
   config.data.source = "wav_folder"
   config.data.kwargs = dict(path=experiment.data_dir("fsdd", "recordings"), sample_rate=16000,

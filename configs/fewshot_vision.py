@@ -21,6 +21,7 @@ from fwdgrad import experiment
 
 
 def get_config(arg=None):
+  experiment.config_variant(arg, ("lp", "tiny"), "configs/fewshot_vision.py")
   config = experiment.default_config()
   config.data.source = "omniglot"
   config.data.kwargs = dict(path=experiment.data_dir("omniglot", "images_background_small1.zip"))

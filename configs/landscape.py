@@ -19,6 +19,7 @@ from fwdgrad import landscape_study
 
 
 def get_config(arg=None):
+  experiment.config_variant(arg, ("tiny",), "configs/landscape.py")
   config = experiment.default_config()
   config.data.source = "digits"
   config.model.name = "conv4"
@@ -59,6 +60,4 @@ def get_config(arg=None):
     config.landscape.record_every = 2
     config.landscape.resolution = 5
     config.landscape.random_plane = False
-  elif arg:
-    raise ValueError(f"unknown variant {arg!r} of configs/landscape.py; use no argument or 'tiny'.")
   return config

@@ -22,7 +22,8 @@ from fwdgrad import experiment
 
 
 def get_config(arg=None):
-  arg = arg or ""
+  arg = experiment.config_variant(arg, ("tiny", "lp3", "dvpt", "sparse"), "configs/ood.py",
+                                  combinable=True)
   config = experiment.default_config()
   config.data.source = "digits"
   config.data.corruption = "gaussian_noise"

@@ -22,6 +22,7 @@ from fwdgrad import experiment
 
 
 def get_config(arg=None):
+  experiment.config_variant(arg, ("tiny",), "configs/quickstart.py")
   config = experiment.default_config()
   config.data.source = "digits"
   config.data.corruption = "gaussian_blur"

@@ -66,6 +66,26 @@ def method(kind: str, **overrides) -> ml_collections.ConfigDict:
   return ml_collections.ConfigDict(dict(METHOD_DEFAULTS, kind=kind, **overrides))
 
 
+def config_variant(arg, variants, config_file: str, *, combinable: bool = False) -> tuple:
+  """The parts of a config's variant argument (``configs/x.py:tiny``), or a ConfigError naming them.
+
+  Args:
+    arg: what follows the ``:`` (None or "" for the full run).
+    variants: the variants the config knows.
+    config_file: the config's path, for the message.
+    combinable: variants join with ``_`` (``tiny_sparse_lp3``).
+  """
+  if not arg:
+    return ()
+  parts = tuple(arg.split("_")) if combinable else (arg,)
+  unknown = [part for part in parts if part not in variants]
+  if unknown:
+    joined = " joined by '_'" if combinable else ""
+    raise ConfigError(f"{config_file}:{arg}: {unknown[0]!r} is not a variant of this config; its "
+                      f"variants are {tuple(variants)}{joined} (no variant: the full run).")
+  return parts
+
+
 def data_dir(*parts: str) -> str:
   """A path under ``$FWDGRAD_DATA_DIR`` (default ``./data``): where configs look for local data."""
   return os.path.join(os.environ.get("FWDGRAD_DATA_DIR", "data"), *parts)
@@ -196,6 +216,7 @@ def validate_config(config) -> ml_collections.ConfigDict:
   _allowed("config.adapt.head", adapt.head, adaptation.HEADS)
   _allowed("config.adapt.sparse_method", adapt.sparse_method, ("topk", "random"))
   _allowed("config.pretrain.optimizer", full.pretrain.optimizer, adaptation.OPTIMIZERS)
+  _check_ranges(full)
   for field in ("ways", "shots", "num_tasks"):
     _positive(f"config.task.{field}", task[field])
   _positive("config.task.queries", task.queries)
@@ -249,6 +270,68 @@ def validate_config(config) -> ml_collections.ConfigDict:
   return full
 
 
+def _number(what: str, value, low=None, high=None, *, open_low=False, open_high=False,
+            integer=False, hint: str = "") -> None:
+  """Refuses a non-number, a non-finite number or one outside ``[low, high]`` (open ends as said)."""
+  kinds = (int, np.integer) if integer else (int, float, np.integer, np.floating)
+  ok = not isinstance(value, bool) and isinstance(value, kinds) and np.isfinite(value)
+  if ok and low is not None:
+    ok = value > low if open_low else value >= low
+  if ok and high is not None:
+    ok = value < high if open_high else value <= high
+  if not ok:
+    kind = "an integer" if integer else "a finite number"
+    bounds = []
+    if low is not None:
+      bounds.append(f"{'>' if open_low else '>='} {low}")
+    if high is not None:
+      bounds.append(f"{'<' if open_high else '<='} {high}")
+    where = f" {' and '.join(bounds)}" if bounds else ""
+    raise ConfigError(f"{what} must be {kind}{where}, got {value!r}.{' ' + hint if hint else ''}")
+
+
+def _check_ranges(full) -> None:
+  """Every step count, batch size, learning rate and fraction of the run in its valid range."""
+  pre, adapt, task = full.pretrain, full.adapt, full.task
+  if not pre.init_checkpoint:
+    _positive("config.pretrain.steps", pre.steps)
+    _positive("config.pretrain.batch_size", pre.batch_size)
+    _number("config.pretrain.learning_rate", pre.learning_rate, 0.0, open_low=True,
+            hint="(a negative one trains away from the data)")
+    _number("config.pretrain.weight_decay", pre.weight_decay, 0.0)
+    _number("config.pretrain.val_fraction", pre.val_fraction, 0.0, 1.0, open_high=True)
+  _positive("config.adapt.steps", adapt.steps)
+  _number("config.adapt.batch_size", adapt.batch_size, 0, integer=True,
+          hint="(0: the whole training set of a task every step)")
+  _number("config.adapt.head_hidden", adapt.head_hidden, 0, integer=True,
+          hint="(0: the feature width)")
+  _number("config.adapt.temperature", adapt.temperature, 0.0, hint="(0: automatic)")
+  for where, data in (("config.data", full.data), ("config.pretrain.data", full.pretrain.data)):
+    _number(f"{where}.max_examples", data.max_examples, 0, integer=True, hint="(0: all)")
+  if task.kind == "transfer":
+    _number("config.task.test_fraction", task.test_fraction, 0.0, 1.0, open_low=True,
+            open_high=True)
+    _number("config.task.train_examples", task.train_examples, 0, integer=True,
+            hint="(0: all)")
+  else:
+    _check_sizes("config.task.split_sizes", tuple(task.split_sizes), "classes", (0, 2))
+    if task.split_by == "class_and_group":
+      _check_sizes("config.task.group_split", tuple(task.group_split), "groups", (0, 1))
+
+
+def _check_sizes(what: str, sizes: tuple, unit: str, needed: tuple) -> None:
+  """Counts of ``unit`` per part (ints) or fractions summing to 1; parts ``needed`` non-empty."""
+  for i, size in enumerate(sizes):
+    _number(f"{what}[{i}]", size, 0.0)
+  counts = all(isinstance(size, (int, np.integer)) for size in sizes)
+  if not counts and abs(sum(sizes) - 1.0) > 1e-6:
+    raise ConfigError(f"{what} = {sizes}: fractions must sum to 1 (or give whole numbers of "
+                      f"{unit}).")
+  if len(sizes) > max(needed) and any(not sizes[i] > 0 for i in needed):
+    raise ConfigError(f"{what} = {sizes}: parts {needed} (pre-training and tasks) must not be "
+                      "empty.")
+
+
 def _positive(what: str, value) -> None:
   if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
     raise ConfigError(f"{what} must be a positive integer, got {value!r}.")
@@ -288,11 +371,18 @@ def _check_method(where: str, method, adapt) -> None:
     if adapt.mode == "lp" and adapt.head in ("protonet", "simpleshot"):
       raise ConfigError(f"{where}: config.adapt.mode = 'lp' with head {adapt.head!r} leaves "
                        "nothing to train; use head 'linear' (LP-1) or 'mlp3' (LP-3).")
-    if not method.learning_rate > 0:
-      raise ConfigError(f"{where}.learning_rate must be positive, got {method.learning_rate}.")
-  if method.kind == "qzo_ff" and models.Precision.parse(method.precision).weight_bits is None:
-    raise ConfigError(f"{where}: qzo_ff runs on a fixed-point weight grid; set precision to "
-                     "'16w8a' (or '8w8a', '<w>w<a>a').")
+    _number(f"{where}.learning_rate", method.learning_rate, 0.0, open_low=True)
+  if method.kind in ("spsa", "qzo_ff"):
+    _number(f"{where}.epsilon", method.epsilon, 0.0, open_low=True,
+            hint="(the perturbation size of the two forward calls)")
+  if method.kind == "qzo_ff":
+    weight_bits = models.Precision.parse(method.precision).weight_bits
+    if weight_bits is None:
+      raise ConfigError(f"{where}: qzo_ff runs on a fixed-point weight grid; set precision to "
+                       "'16w8a' (or '8w8a', '<w>w<a>a').")
+    if weight_bits > 16:
+      raise ConfigError(f"{where}.precision = {method.precision!r}: qzo_ff holds weights in int16 "
+                       "at most; use 2 to 16 weight bits, e.g. '16w8a'.")
 
 
 def _check_enhancements(where: str, method) -> None:

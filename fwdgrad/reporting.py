@@ -12,11 +12,20 @@ from __future__ import annotations
 
 import json
 import os
+import warnings
 from typing import Iterable, Mapping, Optional, Sequence
 
 import numpy as np
 
 from fwdgrad.data.episodes import mean_confidence_interval
+
+
+def append_record(path: str, row: Mapping) -> None:
+  """Appends one JSON line in a single write (a kill leaves at most a torn last line)."""
+  with open(path, "a") as f:
+    f.write(json.dumps(row) + "\n")
+    f.flush()
+    os.fsync(f.fileno())
 
 
 class MetricWriter:
@@ -47,14 +56,11 @@ class MetricWriter:
   def truncate_after(self, step: int) -> None:
     """Drops rows logged after ``step``: a resumed run logs those steps again."""
     rows = [row for row in read_metrics(self.path) if row["step"] <= step]
-    with open(self.path, "w") as f:
-      for row in rows:
-        f.write(json.dumps(row) + "\n")
+    write_atomic(self.path, "".join(json.dumps(row) + "\n" for row in rows))
 
   def write(self, step: int, scalars: Mapping[str, float]) -> None:
     row = {"step": int(step), **{k: float(v) for k, v in scalars.items()}}
-    with open(self.path, "a") as f:
-      f.write(json.dumps(row) + "\n")
+    append_record(self.path, row)
     if self._summary is not None:
       for name, value in scalars.items():
         self._summary.add_scalar(name, float(value), int(step))
@@ -65,12 +71,57 @@ class MetricWriter:
       self._summary.close()
 
 
-def read_metrics(path: str) -> list[dict]:
-  """The rows of a ``metrics.jsonl`` file (empty if it does not exist)."""
+def write_atomic(path: str, text: str) -> None:
+  """Writes ``text`` to ``path`` through a temporary file and a rename: a kill leaves old or new."""
+  directory = os.path.dirname(os.path.abspath(path))
+  os.makedirs(directory, exist_ok=True)
+  tmp = os.path.join(directory, f".{os.path.basename(path)}.tmp-{os.getpid()}")
+  try:
+    with open(tmp, "w") as f:
+      f.write(text)
+      f.flush()
+      os.fsync(f.fileno())
+    os.replace(tmp, path)
+  except BaseException:
+    if os.path.exists(tmp):
+      os.remove(tmp)
+    raise
+
+
+def read_metrics(path: str, *, repair: bool = True) -> list[dict]:
+  """The rows of a JSON-lines file (``metrics.jsonl``, ``tasks/*.jsonl``; empty if it is missing).
+
+  A last line cut short (what a kill during a write leaves) is dropped with a warning and, with
+  ``repair``, removed from the file, so the row it held is made again and appends stay whole. A
+  bad line before the last is corruption no kill makes: a ``ValueError`` names the file and line.
+  """
   if not os.path.exists(path):
     return []
   with open(path) as f:
-    return [json.loads(line) for line in f if line.strip()]
+    text = f.read()
+  lines = text.split("\n")
+  last = max((i for i, line in enumerate(lines) if line.strip()), default=-1)
+  rows, torn = [], False
+  for i, line in enumerate(lines):
+    if not line.strip():
+      continue
+    try:
+      rows.append(json.loads(line))
+    except json.JSONDecodeError as error:
+      if i != last:
+        raise ValueError(f"{path}, line {i + 1}, is not JSON ({error}); the file is corrupt. "
+                         "Delete that line and run again: its row is made again.") from None
+      torn = True
+  if torn:
+    warnings.warn(f"{path}: dropped a torn last line (a run stopped while writing it); its row "
+                  "is made again.", TornRecordWarning)
+  if repair and (torn or (text.strip() and not text.endswith("\n"))):
+    write_atomic(path, "".join(json.dumps(row) + "\n" for row in rows))
+  return rows
+
+
+class TornRecordWarning(UserWarning):
+  """A JSON-lines record was cut short by an interrupted write and is made again."""
 
 
 def _figure(width: float, height: float, columns: int):
@@ -167,18 +218,29 @@ def results_table(results: Mapping[str, Mapping[str, float]], reference: Optiona
 
   Args:
     results: method name -> dict with ``accuracy``, ``ci95``, ``tasks`` and optionally
-      ``precision``, ``seconds_per_task``.
+      ``precision``, ``seconds_per_task``; a row with ``diverged`` (and ``step``, ``task``) is
+      shown as diverged instead of an accuracy.
     reference: a method to report differences against (for example ``"backprop"``).
   """
   header = ["method", "precision", "accuracy (%)", "tasks", "s/task"]
   if reference in results:
     header.insert(3, f"vs {reference}")
   lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+  reference_ok = reference in results and not results[reference].get("diverged")
   for name, row in results.items():
+    if row.get("diverged"):
+      cells = [name, str(row.get("precision", "")),
+               f"DIVERGED (step {row['step']} of task {row['task']})"]
+      if reference in results:
+        cells.append("")
+      cells += [str(row.get("tasks", 0)), ""]
+      lines.append("| " + " | ".join(cells) + " |")
+      continue
     cells = [name, str(row.get("precision", "")),
              f"{100 * row['accuracy']:.2f} ± {100 * row['ci95']:.2f}"]
     if reference in results:
-      cells.append(f"{100 * (row['accuracy'] - results[reference]['accuracy']):+.2f}")
+      cells.append(f"{100 * (row['accuracy'] - results[reference]['accuracy']):+.2f}"
+                   if reference_ok else "")
     cells += [str(row["tasks"]), f"{row.get('seconds_per_task', float('nan')):.2f}"]
     lines.append("| " + " | ".join(cells) + " |")
   return "\n".join(lines)

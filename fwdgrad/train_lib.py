@@ -16,7 +16,14 @@ This is what ``train.py``, the tests and the notebooks call. A run:
 Nothing is lost when a run is interrupted: started again with the same command, it resumes
 pre-training from the last checkpoint and skips the tasks already done. Batches, episodes and
 method keys are functions of ``(seed, step)`` and ``(seed, task)``, so the resumed run ends with
-the same results as an uninterrupted one.
+the same results as an uninterrupted one. That holds for a kill at any point: task records are
+appended in one write and a torn last line is dropped (and that task redone), results files are
+written then renamed, an unreadable checkpoint falls back to the one before with a
+:class:`CheckpointWarning`, and an unreadable backbone is made again from the checkpoints. Ctrl-C
+saves a checkpoint of the finished pre-training chunks. One run holds a workdir at a time (an
+``flock`` on ``<workdir>/.lock`` that the kernel drops when its run dies). A pre-training loss
+that turns non-finite or explodes raises :class:`DivergedError`; an adaptation method that does is
+recorded as diverged (its row says at which task and step) and the other methods go on.
 
 Layout of ``workdir``::
 
@@ -29,9 +36,13 @@ Layout of ``workdir``::
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
 import logging
 import os
+import shutil
+import socket
 import time
 import warnings
 from typing import Optional
@@ -54,6 +65,85 @@ from fwdgrad.data import episodes
 def _progress(iterable=None, **kwargs):
   from tqdm import tqdm  # pylint: disable=g-import-not-at-top  (text bar: no widget needed)
   return tqdm(iterable, dynamic_ncols=True, **kwargs)
+
+
+# A loss this many times its start (pre-training: chance, log C) or non-finite is divergence: no
+# training that still learns gets there, and a step size that does would go on to NaN.
+DIVERGENCE_FACTOR = 100.0
+
+
+def _first_divergence(losses: np.ndarray, limit: float) -> Optional[int]:
+  """The 1-based index of the first loss that is non-finite or above ``limit``, else None."""
+  bad = ~np.isfinite(losses) | (np.nan_to_num(losses, nan=np.inf) > limit)
+  return int(np.argmax(bad)) + 1 if bad.any() else None
+
+
+class WorkdirBusyError(RuntimeError):
+  """Another run holds the workdir's lock."""
+
+
+class DivergedError(RuntimeError):
+  """Pre-training's loss went non-finite; the message names the step and the fix."""
+
+
+class DivergenceWarning(UserWarning):
+  """An adaptation method's loss went non-finite; its row in the results says diverged."""
+
+
+class CheckpointWarning(UserWarning):
+  """A checkpoint or saved backbone could not be read; the run fell back to an earlier one."""
+
+
+def check_workdir(workdir) -> str:
+  """The absolute workdir, created if needed, or a ConfigError saying what is wrong with it."""
+  if not isinstance(workdir, (str, os.PathLike)) or not str(workdir).strip():
+    raise experiment.ConfigError("--workdir is empty; give a folder for checkpoints and results, "
+                                 "e.g. --workdir workdirs/quickstart.")
+  path = os.path.abspath(os.path.expanduser(os.fspath(workdir)))
+  if os.path.exists(path) and not os.path.isdir(path):
+    raise experiment.ConfigError(f"--workdir {workdir!r} is a file, not a folder; pass a folder "
+                                 "(a new one is created).")
+  parent = path
+  while not os.path.exists(parent):
+    parent = os.path.dirname(parent)
+  if not os.path.isdir(parent):
+    raise experiment.ConfigError(f"--workdir {workdir!r} lies under {parent!r}, which is a file; "
+                                 "pass a folder elsewhere.")
+  try:
+    os.makedirs(path, exist_ok=True)
+    probe = os.path.join(path, f".write-test-{os.getpid()}")
+    with open(probe, "w") as f:
+      f.write("ok")
+    os.remove(probe)
+  except OSError as error:
+    raise experiment.ConfigError(f"--workdir {workdir!r} cannot be written ({error.strerror}); "
+                                 "pass a folder you can write to.") from None
+  return path
+
+
+@contextlib.contextmanager
+def workdir_lock(workdir: str):
+  """Holds ``<workdir>/.lock`` for one run; a second run on the workdir stops at once.
+
+  The lock is the kernel's (``flock``), so a run that dies, even by SIGKILL, releases it: a stale
+  lock file never blocks the next run.
+  """
+  path = os.path.join(workdir, ".lock")
+  handle = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+  try:
+    try:
+      fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+      holder = os.pread(handle, 200, 0).decode(errors="replace").strip() or "another run"
+      raise WorkdirBusyError(f"{workdir} is in use by {holder}; wait for that run to end (it "
+                             "resumes from this workdir when started again) or pass another "
+                             "--workdir.") from None
+    os.ftruncate(handle, 0)
+    os.pwrite(handle, f"run pid {os.getpid()} on {socket.gethostname()}, started "
+                      f"{time.strftime('%Y-%m-%d %H:%M:%S')}".encode(), 0)
+    yield
+  finally:
+    os.close(handle)  # Releases the lock.
 
 
 # ---------------------------------------------------------------------------------------------
@@ -143,7 +233,12 @@ def pretrain(config, splits: Splits, workdir: str) -> dict:
   if config.pretrain.init_checkpoint:
     return load_backbone(config.pretrain.init_checkpoint, config.model.name)
   if os.path.exists(backbone_dir):
-    return load_backbone(backbone_dir)
+    try:
+      return load_backbone(backbone_dir)
+    except Exception as error:  # pylint: disable=broad-except  (any unreadable file)
+      _warn(f"the saved backbone {backbone_dir} cannot be read ({_short(error)}); it is made "
+            "again from the pre-training checkpoints.")
+      shutil.rmtree(backbone_dir)
   train, val = splits.pretrain, splits.pretrain_val
   cfg = config.pretrain
   model, variables = _init_variables(config, train.num_classes, train.inputs)
@@ -157,11 +252,7 @@ def pretrain(config, splits: Splits, workdir: str) -> dict:
       os.path.join(os.path.abspath(workdir), "pretrain", "checkpoints"),
       options=ocp.CheckpointManagerOptions(max_to_keep=2, create=True))
   writer = reporting.MetricWriter(os.path.join(workdir, "pretrain"))
-  start = manager.latest_step()
-  if start is not None:
-    abstract = jax.tree_util.tree_map(ocp.utils.to_shape_dtype_struct, state)
-    state = manager.restore(start, args=ocp.args.StandardRestore(abstract))
-    writer.truncate_after(start)
+  state = _restore_latest(manager, state, writer)
   start = int(state["step"])
 
   inputs, labels = jnp.asarray(train.inputs), jnp.asarray(train.labels)
@@ -193,25 +284,44 @@ def pretrain(config, splits: Splits, workdir: str) -> dict:
 
   evaluate = jax.jit(lambda variables, x: model.apply(variables, x, train=False))
   bar = _progress(total=cfg.steps, initial=start, desc="pre-train", disable=not config.progress)
-  while start < cfg.steps:
-    length = min(cfg.log_every, cfg.steps - start)
-    state, (losses, accuracies) = run_chunk(state, jnp.zeros((length,)))
-    start += length
-    row = {"loss": float(losses.mean()), "accuracy": float(accuracies.mean())}
-    if val is not None and val.num_examples:
-      logits = adaptation._batched_features(  # pylint: disable=protected-access
-          lambda v, x: evaluate(v, x), state["variables"], jnp.asarray(val.inputs),
-          config.adapt.eval_batch_size)
-      row["val_accuracy"] = float(jnp.mean(jnp.argmax(logits, -1) == val.labels))
-    writer.write(start, row)
-    bar.update(length)
-    bar.set_postfix({k: f"{v:.3f}" for k, v in row.items()})
-    if start % cfg.checkpoint_every == 0 or start == cfg.steps:
-      manager.save(start, args=ocp.args.StandardSave(state))
-  manager.wait_until_finished()
-  manager.close()
-  bar.close()
-  writer.close()
+  saved = start
+  try:
+    while start < cfg.steps:
+      length = min(cfg.log_every, cfg.steps - start)
+      new_state, (losses, accuracies) = run_chunk(state, jnp.zeros((length,)))
+      losses = np.asarray(losses)
+      first_bad = _first_divergence(losses, DIVERGENCE_FACTOR * max(np.log(train.num_classes),
+                                                                      1.0))
+      if first_bad is not None:
+        bad = start + first_bad
+        raise DivergedError(
+            f"pre-training diverged: the loss is {losses[first_bad - 1]:.4g} at step {bad} "
+            f"(config.pretrain.learning_rate = {cfg.learning_rate:g}). Lower the learning rate "
+            f"(e.g. --config.pretrain.learning_rate={cfg.learning_rate / 10:g}) and start again: "
+            f"with the same --workdir the run resumes from step {saved}, its last checkpoint.")
+      state = new_state
+      start += length
+      row = {"loss": float(losses.mean()), "accuracy": float(accuracies.mean())}
+      if val is not None and val.num_examples:
+        logits = adaptation._batched_features(  # pylint: disable=protected-access
+            lambda v, x: evaluate(v, x), state["variables"], jnp.asarray(val.inputs),
+            config.adapt.eval_batch_size)
+        row["val_accuracy"] = float(jnp.mean(jnp.argmax(logits, -1) == val.labels))
+      writer.write(start, row)
+      bar.update(length)
+      bar.set_postfix({k: f"{v:.3f}" for k, v in row.items()})
+      if start % cfg.checkpoint_every == 0 or start == cfg.steps:
+        manager.save(start, args=ocp.args.StandardSave(state))
+        saved = start
+  except KeyboardInterrupt:
+    if start > saved:  # Keep the finished chunks: the resumed run logs and draws from here.
+      manager.save(start, args=ocp.args.StandardSave(state), force=True)
+    raise
+  finally:
+    manager.wait_until_finished()
+    manager.close()
+    bar.close()
+    writer.close()
   reporting.plot_curves(reporting.read_metrics(writer.path), ("loss", "accuracy", "val_accuracy"),
                         os.path.join(workdir, "plots", "pretrain.png"), "pre-training (backprop)")
   backbone = {"params": {k: v for k, v in state["variables"]["params"].items() if k != "head"},
@@ -221,6 +331,34 @@ def pretrain(config, splits: Splits, workdir: str) -> dict:
               "head": {"params": state["variables"]["params"]["head"]}}
   save_backbone(backbone_dir, backbone)
   return backbone
+
+
+def _warn(message: str) -> None:
+  warnings.warn(message, CheckpointWarning, stacklevel=3)
+  logging.warning(message)
+
+
+def _short(error: BaseException) -> str:
+  text = " ".join(str(error).split()) or type(error).__name__
+  return text if len(text) <= 200 else text[:200] + "..."
+
+
+def _restore_latest(manager, state, writer):
+  """The newest readable checkpoint (unreadable newer ones warn and are deleted), else ``state``."""
+  abstract = jax.tree_util.tree_map(ocp.utils.to_shape_dtype_struct, state)
+  for step in sorted(manager.all_steps(), reverse=True):
+    try:
+      restored = manager.restore(step, args=ocp.args.StandardRestore(abstract))
+    except Exception as error:  # pylint: disable=broad-except  (any unreadable file)
+      _warn(f"pre-training checkpoint {step} in {manager.directory} cannot be read "
+            f"({_short(error)}); it is deleted and the run falls back to the one before.")
+      shutil.rmtree(os.path.join(str(manager.directory), str(step)), ignore_errors=True)
+      manager.reload()
+      continue
+    writer.truncate_after(step)
+    return restored
+  writer.truncate_after(0)
+  return state
 
 
 def save_backbone(path: str, variables: dict) -> None:
@@ -320,11 +458,15 @@ def adapt_all(config, splits: Splits, variables: dict, workdir: str) -> dict:
   results, curves, accuracies = {}, {}, {}
   for name, method in experiment.methods(config):
     path = os.path.join(workdir, "tasks", f"{name}.jsonl")
-    done = _read_done(path)
+    # A diverged task is tried again (with the config of this run, e.g. a lower learning rate).
+    done = {i: row for i, row in _read_done(path).items() if not row.get("diverged")}
     adapter = None
     bar = _progress(range(config.task.num_tasks), desc=name, disable=not config.progress)
     seconds = []
+    diverged = None
     for index in bar:
+      if diverged is not None:
+        break  # The same method on the next task would diverge too.
       if index not in done:
         if adapter is None:
           adapter = adaptation.Adapter(config.model.name, config.model.kwargs.to_dict(),
@@ -334,11 +476,34 @@ def adapt_all(config, splits: Splits, variables: dict, workdir: str) -> dict:
         start = time.perf_counter()
         result = adapter(task, jax.random.fold_in(jax.random.key(config.seed), index))
         seconds.append(time.perf_counter() - start)
+        losses = np.asarray(result.losses, np.float64)
         done[index] = {"task": index, "accuracy": result.accuracy,
-                       "losses": [float(v) for v in result.losses], "seconds": seconds[-1]}
-        with open(path, "a") as f:
-          f.write(json.dumps(done[index]) + "\n")
-      bar.set_postfix(accuracy=f"{np.mean([done[i]['accuracy'] for i in done]):.3f}")
+                       "losses": [float(v) for v in losses], "seconds": seconds[-1]}
+        step = (_first_divergence(losses, DIVERGENCE_FACTOR * max(losses[0], 1.0))
+                if len(losses) and np.isfinite(losses[0]) else (1 if len(losses) else None))
+        if step is None and not np.isfinite(result.accuracy):
+          step = len(losses)
+        if step is not None:
+          done[index].update(diverged=True, step=step, accuracy=None,
+                             losses=[float(v) for v in losses[:max(step - 1, 0)]])
+          diverged = done[index]
+        reporting.append_record(path, done[index])
+      if diverged is None:
+        bar.set_postfix(accuracy=f"{np.mean([done[i]['accuracy'] for i in done]):.3f}")
+    bar.close()
+    if diverged is not None:
+      message = (f"method {name!r} diverged: its loss blew up at adaptation step "
+                 f"{diverged['step']} of task {diverged['task']} (learning rate "
+                 f"{method.learning_rate:g}). Lower config.methods.{name}.learning_rate (e.g. "
+                 f"--config.methods.{name}.learning_rate={method.learning_rate / 10:g}) and run again "
+                 "with the same --workdir: the method starts again at that task; the other "
+                 "methods are reported as usual.")
+      warnings.warn(message, DivergenceWarning)
+      logging.warning(message)
+      results[name] = {"diverged": True, "task": int(diverged["task"]),
+                       "step": int(diverged["step"]), "tasks": int(diverged["task"]),
+                       "kind": method.kind, "precision": method.precision, "message": message}
+      continue
     rows = [done[i] for i in range(config.task.num_tasks)]
     accuracies[name] = [row["accuracy"] for row in rows]
     losses = [row["losses"] for row in rows if row["losses"]]
@@ -366,15 +531,32 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     ``{method: {"accuracy", "ci95", "tasks", "kind", "precision", "seconds_per_task", ...}}``.
   """
   config = experiment.validate_config(config)
+  workdir = check_workdir(workdir)
+  with workdir_lock(workdir):
+    return _train_and_evaluate(config, workdir)
+
+
+def _check_sizes(config, splits: Splits) -> None:
+  """Sizes only the loaded data can check."""
+  cfg = config.pretrain
+  if splits.pretrain is not None and not cfg.init_checkpoint:
+    if cfg.batch_size > splits.pretrain.num_examples:
+      raise experiment.ConfigError(
+          f"config.pretrain.batch_size = {cfg.batch_size} is larger than the "
+          f"{splits.pretrain.num_examples} pre-training examples; use at most "
+          f"{splits.pretrain.num_examples}.")
+
+
+def _train_and_evaluate(config, workdir: str) -> dict:
   os.makedirs(os.path.join(workdir, "plots"), exist_ok=True)
-  with open(os.path.join(workdir, "config.json"), "w") as f:
-    f.write(config.to_json(indent=2))
+  reporting.write_atomic(os.path.join(workdir, "config.json"), config.to_json(indent=2))
   try:
     splits = make_splits(config)
   except experiment.ConfigError:
     raise
   except ValueError as error:  # What a data source says about its arguments or files.
     raise experiment.ConfigError(f"config.data (source {config.data.source!r}): {error}") from error
+  _check_sizes(config, splits)
   variables = pretrain(config, splits, workdir)
   health = pretrain_report(config, workdir)
   results = adapt_all(config, splits, variables, workdir)
@@ -385,12 +567,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
               f"{health['steps']} steps (expected at least "
               f"{100 * health['min_val_accuracy']:.2f}%)"
               + ("" if health["healthy"] else " -- FELL SHORT, see the warning above"))
-  with open(os.path.join(workdir, "results.json"), "w") as f:
-    json.dump(results, f, indent=2)
+  reporting.write_atomic(os.path.join(workdir, "results.json"), json.dumps(results, indent=2))
   if health:
-    with open(os.path.join(workdir, "pretrain", "health.json"), "w") as f:
-      json.dump(health, f, indent=2)
-  with open(os.path.join(workdir, "results.md"), "w") as f:
-    f.write(table + "\n")
+    reporting.write_atomic(os.path.join(workdir, "pretrain", "health.json"),
+                           json.dumps(health, indent=2))
+  reporting.write_atomic(os.path.join(workdir, "results.md"), table + "\n")
   print(table)
   return results

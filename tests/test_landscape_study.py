@@ -147,7 +147,7 @@ def test_config_errors_for_methods():
   del config["landscape"]
   with pytest.raises(experiment.ConfigError, match="config.landscape is missing"):
     landscape_study.validate_study_config(config)
-  with pytest.raises(ValueError, match="unknown variant"):
+  with pytest.raises(ValueError, match="not a variant of this config"):
     load_config("huge")
 
 

@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import math
 import os
+import struct
 import wave
 from typing import Tuple, Union
 
@@ -73,9 +74,16 @@ def read_wav(path: Union[str, os.PathLike]) -> Tuple[np.ndarray, int]:
     >>> rate
     8000
   """
-  with wave.open(os.fspath(path), "rb") as f:
-    width, channels, rate = f.getsampwidth(), f.getnchannels(), f.getframerate()
-    frames = f.readframes(f.getnframes())
+  try:
+    with wave.open(os.fspath(path), "rb") as f:
+      width, channels, rate = f.getsampwidth(), f.getnchannels(), f.getframerate()
+      frames = f.readframes(f.getnframes())
+  except (wave.Error, EOFError, struct.error) as error:
+    size = os.path.getsize(path) if os.path.exists(path) else None
+    what = ("is empty (0 bytes)" if size == 0
+            else f"is not a readable PCM WAV file ({error or type(error).__name__})")
+    raise ValueError(f"{os.fspath(path)} {what}; remove it or re-export it as 16-bit PCM "
+                     "WAV.") from None
   if width == 1:
     samples = (np.frombuffer(frames, np.uint8).astype(np.float32) - 128.0) / 128.0
   elif width == 2:

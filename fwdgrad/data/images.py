@@ -17,6 +17,7 @@ from __future__ import annotations
 import io
 import os
 import zipfile
+import zlib
 from typing import Dict, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
@@ -57,7 +58,11 @@ def _to_array(data, mode: str, image_size: Optional[Tuple[int, int]], where: str
     raise ValueError(f"Cannot read the image {where!r} ({error}); remove it or drop its suffix "
                      "from extensions=.") from error
   with image:
-    image = image.convert(mode)
+    try:
+      image = image.convert(mode)
+    except (OSError, ValueError) as error:  # A truncated file opens but does not decode.
+      raise ValueError(f"Cannot decode the image {where!r} ({error}); the file is truncated or "
+                       "corrupt: remove or replace it.") from None
     if image_size is not None and image.size != (image_size[1], image_size[0]):
       # PIL's bilinear filter widens its support when shrinking, so this also anti-aliases.
       image = image.resize((image_size[1], image_size[0]), Image.Resampling.BILINEAR)
@@ -128,7 +133,10 @@ def load_image_folder(
       if os.path.isfile(source):
         if not zipfile.is_zipfile(source):
           raise ValueError(f"{source!r} is a file but not a zip archive. {_HINT}")
-        archives[i] = zipfile.ZipFile(source)
+        try:
+          archives[i] = zipfile.ZipFile(source)
+        except (zipfile.BadZipFile, OSError) as error:
+          raise ValueError(f"{source!r} is not a readable zip archive ({error}). {_HINT}") from None
         entries = _list_zip(archives[i])
       else:
         entries = _list_folder(source)
@@ -153,7 +161,14 @@ def load_image_folder(
     images = []
     for key in keys:
       i, member = found[key]
-      data = io.BytesIO(archives[i].read(member)) if i in archives else member
+      if i in archives:
+        try:
+          data = io.BytesIO(archives[i].read(member))
+        except (zipfile.BadZipFile, zlib.error, EOFError, OSError) as error:
+          raise ValueError(f"{paths[i]!r}: the zip member {member!r} is corrupt ({error}); "
+                           "download or re-create the archive.") from None
+      else:
+        data = member
       images.append(_to_array(data, _MODES[channels], image_size, member))
   finally:
     for archive in archives.values():

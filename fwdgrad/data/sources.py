@@ -26,6 +26,7 @@ import functools
 import gzip
 import inspect
 import os
+import zlib
 from typing import Callable, Dict, Optional, Sequence
 
 import numpy as np
@@ -71,8 +72,13 @@ def read_idx(path: PathLike) -> np.ndarray:
     ValueError: if the file is not IDX or is truncated.
   """
   path = existing_path(path, "IDX file", "Pass the path of an existing *-ubyte(.gz) file.")
-  with _open(path, "rb") as f:
-    data = f.read()
+  try:
+    with _open(path, "rb") as f:
+      data = f.read()
+  except (EOFError, OSError, zlib.error) as error:  # gzip.BadGzipFile is an OSError.
+    what = ("a truncated gzip file" if isinstance(error, EOFError)
+            else f"not a readable gzip file ({error})")
+    raise ValueError(f"{path!r} is {what}; download or decompress it again.") from None
   if len(data) < 4 or data[0] != 0 or data[1] != 0 or data[2] not in _IDX_DTYPES:
     raise ValueError(f"{path!r} is not an IDX file (bad magic number {data[:4]!r}).")
   dtype, ndim = _IDX_DTYPES[data[2]], data[3]
