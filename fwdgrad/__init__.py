@@ -25,6 +25,17 @@ Optax transforms (pass ``value_fn=loss_fn`` to ``update``)
   ``enhanced_forward_gradient``  sign-m-SPSA with momentum-guided sampling / sharpness-aware
                              perturbation; ``MomentumGuidedSampling`` configures the former.
   ``kernelwise_normalize``, ``masked_update``, ``sparse_update_mask``, ``binomial_sampler``.
+  ``step_loss`` / ``step_aux``   the last update's loss (no extra forward call) and, with
+                             ``has_aux=True``, its aux, read from any optimizer state.
+  ``NonFiniteLossWarning``   raised from the host when value_fn returns NaN or inf.
+  ``value_fn`` must return a float scalar and be a pure, deterministic function of the params;
+  a non-scalar, tuple or integer output is a one-line error that names the fix.
+
+Flax
+  ``apply_forward_gradient(state, value_fn)``   a Linen ``TrainState`` step (``apply_gradients``
+                             drops ``value_fn``).
+  ``nnx_update(optimizer, model, loss_fn, *batch)``   an ``nnx.Optimizer`` step with no gradients;
+                             ``nnx_value_fn`` builds the objective over an NNX model's params.
 
 Training at inference memory, and on many devices
   ``fused_spsa_step`` / ``make_fused_train_step``   MeZO-style step: perturb and update the params in
@@ -76,6 +87,9 @@ from fwdgrad.fewshot import protonet_logits
 from fwdgrad.fewshot import prototypes
 from fwdgrad.fewshot import simpleshot_logits
 from fwdgrad.fixed_point import fixed_point_weights
+from fwdgrad.flax_steps import apply_forward_gradient
+from fwdgrad.flax_steps import nnx_update
+from fwdgrad.flax_steps import nnx_value_fn
 from fwdgrad.fixed_point import weight_scales
 from fwdgrad.fused import blockwise_sampler
 from fwdgrad.fused import fused_spsa_step
@@ -91,6 +105,9 @@ from fwdgrad.landscape import save_surface
 from fwdgrad.parallel import make_mesh
 from fwdgrad.parallel import make_parallel_train_step
 from fwdgrad.parallel import sharded_spsa_grad
+from fwdgrad.objective import NonFiniteLossWarning
+from fwdgrad.objective import step_aux
+from fwdgrad.objective import step_loss
 from fwdgrad.profiling import step_memory
 from fwdgrad.profiling import time_step
 from fwdgrad.quant import compute_scale
@@ -112,7 +129,9 @@ __all__ = (
     "FrozenLeafWarning",
     "LinearHead",
     "MomentumGuidedSampling",
+    "NonFiniteLossWarning",
     "QZOState",
+    "apply_forward_gradient",
     "bind_frozen",
     "binomial_sampler",
     "blockwise_sampler",
@@ -137,6 +156,8 @@ __all__ = (
     "masked_update",
     "merge",
     "models",
+    "nnx_update",
+    "nnx_value_fn",
     "packed_rademacher",
     "partition",
     "pca_directions",
@@ -153,6 +174,8 @@ __all__ = (
     "sharded_spsa_grad",
     "simpleshot_logits",
     "spsa_grad",
+    "step_aux",
+    "step_loss",
     "step_memory",
     "time_step",
     "train_and_evaluate",

@@ -1,7 +1,9 @@
 """What the launchers (``train.py``, ``landscape.py``) share: one-line errors for bad input.
 
 A bad command line, config field or data file ends a run with one ``config error: ...`` line that
-names the problem and the fix; ``--verbose`` shows the traceback behind it.
+names the problem and the fix; ``--verbose`` shows the traceback behind it. Libraries' INFO logs
+(orbax's per-save lines, JAX's backend probing) are hidden unless ``--verbose``: warnings, the
+progress bars and the results table are what a run prints.
 """
 
 from __future__ import annotations
@@ -10,10 +12,12 @@ import sys
 from typing import Callable
 
 from absl import flags
+from absl import logging
 
 from fwdgrad import experiment
 
-_VERBOSE = flags.DEFINE_bool("verbose", False, "Show the tracebacks behind one-line errors.")
+_VERBOSE = flags.DEFINE_bool("verbose", False, "Show the tracebacks behind one-line errors, and "
+                             "INFO logs.")
 _VERBOSE_ARGS = ("--verbose", "--verbose=true", "--verbose=True", "--verbose=1")
 
 
@@ -73,6 +77,8 @@ def run_main(work: Callable[[], object], workdir: str) -> None:
   """Runs ``work()``, turning the errors a user can fix into one line (and Ctrl-C into a hint)."""
   from fwdgrad import train_lib  # pylint: disable=g-import-not-at-top
   verbose = _VERBOSE.value
+  if not verbose:
+    logging.set_verbosity(logging.WARNING)
   try:
     work()
   except experiment.ConfigError as error:

@@ -69,6 +69,7 @@ import optax
 
 from fwdgrad import estimators
 from fwdgrad import fixed_point
+from fwdgrad import objective
 from fwdgrad import transform
 
 PyTree = Any
@@ -169,6 +170,14 @@ def safe_ratio(numerator, denominator):
   return jnp.where(denominator > 0, numerator / safe, 0.0)
 
 
+def _loss_only(value_fn):
+  """``value_fn``'s loss, whether it returns a loss or ``(loss, aux)`` (the ascent needs no aux)."""
+  def loss(params):
+    out = value_fn(params)
+    return objective.check_loss(out[0] if isinstance(out, tuple) and len(out) == 2 else out)
+  return loss
+
+
 def sharpness_aware_point(value_fn: Callable[[PyTree], jax.Array], params: PyTree,
                           key: jax.Array, radius: float,
                           distribution: Union[str, estimators.Sampler] = estimators.DEFAULT_DISTRIBUTION):
@@ -187,6 +196,7 @@ def sharpness_aware_point(value_fn: Callable[[PyTree], jax.Array], params: PyTre
   Examples:
     >>> w_tilde, side = sharpness_aware_point(loss_fn, params, jax.random.key(0), 0.05)
   """
+  value_fn = _loss_only(value_fn)
   u = estimators.sample_direction(key, params, distribution)
   step = radius / jnp.maximum(_global_norm(u), jnp.finfo(jnp.float32).tiny)
   plus = jax.tree_util.tree_map(lambda p, d: (p + step * d).astype(p.dtype), params, u)
@@ -204,16 +214,18 @@ def sharpness_aware_point(value_fn: Callable[[PyTree], jax.Array], params: PyTre
 
 
 def spsa_grad_with_directions(value_fn: Callable[[PyTree], jax.Array], params: PyTree,
-                              directions: PyTree, *, epsilon: float = 1e-3, sign: bool = True):
+                              directions: PyTree, *, epsilon: float = 1e-3, sign: bool = True,
+                              has_aux: bool = False):
   """:func:`fwdgrad.spsa_grad` with given directions (stacked on a leading axis of size ``m``).
 
   Returns:
-    ``(loss, grads)`` as :func:`fwdgrad.spsa_grad`.
+    ``(loss, grads)`` (``((loss, aux), grads)`` with ``has_aux``) as :func:`fwdgrad.spsa_grad`.
   """
   m = jax.tree_util.tree_leaves(directions)[0].shape[0]
+  fn = objective.checked(value_fn, has_aux)
 
   def body(index, carry):
-    loss_sum, grads = carry
+    loss_sum, grads, aux = carry
     z = jax.tree_util.tree_map(lambda d: d[index], directions)
 
     def perturbed(scale):
@@ -221,19 +233,24 @@ def spsa_grad_with_directions(value_fn: Callable[[PyTree], jax.Array], params: P
         # The point is built inside the call from what is stored already (see call_apart).
         params, directions = operands
         z = jax.tree_util.tree_map(lambda d: d[index], directions)
-        return value_fn(estimators._axpy(scale, z, params))
+        return fn(estimators._axpy(scale, z, params))
       return loss_at
 
-    loss_plus = estimators.call_apart(perturbed(epsilon), (params, directions), after=loss_sum)
-    loss_minus = estimators.call_apart(perturbed(-epsilon), (params, directions), after=loss_plus)
-    difference = (loss_plus - loss_minus).astype(jnp.float32)
+    loss_plus, aux_plus = estimators.call_apart(perturbed(epsilon), (params, directions),
+                                                after=loss_sum)
+    loss_minus, _ = estimators.call_apart(perturbed(-epsilon), (params, directions),
+                                          after=loss_plus)
+    difference = loss_plus - loss_minus
     coefficient = jnp.sign(difference) if sign else difference / (2.0 * epsilon)
     grads = jax.tree_util.tree_map(lambda g, d: (g + coefficient / m * d).astype(g.dtype), grads, z)
-    return loss_sum + 0.5 * (loss_plus + loss_minus).astype(jnp.float32), grads
+    return (loss_sum + 0.5 * (loss_plus + loss_minus), grads,
+            estimators.keep_first(index, aux_plus, aux))
 
-  init = (jnp.zeros((), jnp.float32), jax.tree_util.tree_map(jnp.zeros_like, params))
-  loss_sum, grads = jax.lax.fori_loop(0, m, body, init)
-  return loss_sum / m, grads
+  aux = estimators.aux_placeholder(fn, params) if has_aux else None
+  init = (jnp.zeros((), jnp.float32), jax.tree_util.tree_map(jnp.zeros_like, params), aux)
+  loss_sum, grads, aux = jax.lax.fori_loop(0, m, body, init)
+  loss = loss_sum / m
+  return ((loss, aux) if has_aux else loss), grads
 
 
 class EnhancedForwardGradientState(NamedTuple):
@@ -244,11 +261,13 @@ class EnhancedForwardGradientState(NamedTuple):
     count: number of updates so far (int32).
     loss: the estimator's loss at the last update (at ``w̃`` with sharpness-aware perturbation).
     previous_directions: the last ``m`` directions stacked (momentum-guided sampling), else ``()``.
+    aux: with ``has_aux``, the aux of the last step's first call (:func:`fwdgrad.step_aux`).
   """
   key: chex.PRNGKey
   count: chex.Array
   loss: chex.Array
   previous_directions: PyTree
+  aux: Any = None
 
 
 def enhanced_forward_gradient(
@@ -260,6 +279,7 @@ def enhanced_forward_gradient(
     distribution: Union[str, estimators.Sampler] = estimators.DEFAULT_DISTRIBUTION,
     momentum: Optional[MomentumGuidedSampling] = None,
     sharpness_radius: Optional[float] = None,
+    has_aux: bool = False,
 ) -> optax.GradientTransformationExtraArgs:
   """(sign-)m-SPSA with momentum-guided sampling and/or a sharpness-aware perturbation (float).
 
@@ -275,6 +295,7 @@ def enhanced_forward_gradient(
     distribution: ``"gaussian"``, ``"rademacher"``, ``"binomial"`` (= Rademacher) or a sampler.
     momentum: :class:`MomentumGuidedSampling` or ``None``.
     sharpness_radius: ``ρ`` of the ascent step, or ``None``.
+    has_aux: ``value_fn`` returns ``(loss, aux)``; the state keeps the first call's aux.
 
   Returns:
     An ``optax.GradientTransformationExtraArgs``; ``update(updates, state, params, *, value_fn)``.
@@ -312,17 +333,20 @@ def enhanced_forward_gradient(
                                         sharpness_radius, distribution)
     previous = state.previous_directions
     if momentum is None:
-      loss, grads = estimators.spsa_grad(value_fn, center, step_key, num_directions=m,
-                                         epsilon=epsilon, distribution=distribution, sign=sign)
+      out, grads = estimators.spsa_grad(value_fn, center, step_key, num_directions=m,
+                                        epsilon=epsilon, distribution=distribution, sign=sign,
+                                        has_aux=has_aux)
     else:
       previous = momentum_guided_directions(step_key, previous, state.count, params,
                                             num_directions=m, config=momentum,
                                             distribution=distribution)
-      loss, grads = spsa_grad_with_directions(value_fn, center, previous, epsilon=epsilon,
-                                              sign=sign)
+      out, grads = spsa_grad_with_directions(value_fn, center, previous, epsilon=epsilon,
+                                             sign=sign, has_aux=has_aux)
+    loss, aux = out if has_aux else (out, None)
+    objective.warn_if_nonfinite(loss, state.count, "enhanced_forward_gradient")
     return grads, EnhancedForwardGradientState(
         key=state.key, count=optax.safe_increment(state.count), loss=loss,
-        previous_directions=previous)
+        previous_directions=previous, aux=aux)
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 

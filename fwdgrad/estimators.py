@@ -28,6 +28,8 @@ import jax
 import jax.extend
 import jax.numpy as jnp
 
+from fwdgrad import objective
+
 PyTree = Any
 Sampler = Callable[[jax.Array, tuple, Any], jax.Array]
 
@@ -154,7 +156,12 @@ def get_sampler(distribution: Union[str, Sampler]) -> Sampler:
 
 def _check_num_directions(num_directions) -> int:
   if isinstance(num_directions, bool) or not isinstance(num_directions, int) or num_directions < 1:
-    raise ValueError(f"num_directions must be a positive Python int, got {num_directions!r}.")
+    hint = ""
+    if isinstance(num_directions, jax.Array):
+      hint = (" It sets the number of forward calls, so it cannot be traced: with "
+              "optax.inject_hyperparams, list it in static_args=('num_directions',).")
+    raise ValueError(f"num_directions must be a positive Python int, got "
+                     f"{'an array' if hint else repr(num_directions)}.{hint}")
   return num_directions
 
 
@@ -174,6 +181,7 @@ def check_float_leaves(tree: PyTree, name: str = "params", *,
 
 
 def _check_params(params: PyTree) -> None:
+  objective.check_params(params)
   check_float_leaves(params)
 
 
@@ -288,6 +296,28 @@ def _frozen_share(closed) -> float:
 INLINE_FROZEN_SHARE = 0.5
 
 
+def _never_value(s):
+  """A placeholder of ``s``'s shape and dtype: NaN for floats, 0 (or key 0) otherwise."""
+  if jax.dtypes.issubdtype(s.dtype, jax.dtypes.prng_key):
+    impl = getattr(s.dtype, "_impl", None)
+    data = jax.random.key_data(jax.random.key(0, impl=impl))
+    return jax.random.wrap_key_data(jnp.zeros(s.shape + data.shape, data.dtype), impl=impl)
+  return jnp.full(s.shape, jnp.nan if jnp.issubdtype(s.dtype, jnp.inexact) else 0, s.dtype)
+
+
+def keep_first(index, value: PyTree, kept: PyTree) -> PyTree:
+  """``value`` at ``index == 0``, ``kept`` after: the aux of a step's first call, any dtype."""
+  if value is None:
+    return None
+  return jax.lax.cond(index == 0, lambda: value, lambda: kept)
+
+
+def aux_placeholder(fn: Callable[[PyTree], Any], point: PyTree) -> PyTree:
+  """A placeholder shaped like the aux of ``fn(point) = (loss, aux)`` (traced, never run)."""
+  shapes = jax.eval_shape(fn, point)[1]
+  return jax.tree_util.tree_map(_never_value, shapes)
+
+
 def call_apart(fn: Callable[[PyTree], jax.Array], point: PyTree, *, after: jax.Array) -> jax.Array:
   """``fn(point)``, compiled as a computation of its own and run once ``after`` is known.
 
@@ -315,9 +345,7 @@ def call_apart(fn: Callable[[PyTree], jax.Array], point: PyTree, *, after: jax.A
   closed, shapes = jax.make_jaxpr(fn, return_shape=True)(point)
   if _frozen_share(closed) >= INLINE_FROZEN_SHARE:
     return fn(point)
-  never = lambda point: jax.tree_util.tree_map(
-      lambda s: jnp.full(s.shape, jnp.nan if jnp.issubdtype(s.dtype, jnp.inexact) else 0, s.dtype),
-      shapes)
+  never = lambda point: jax.tree_util.tree_map(_never_value, shapes)
   return jax.lax.cond(_opaque_zero(after) == 0, fn, never, point)
 
 
@@ -373,6 +401,7 @@ def jvp_grad(
     *,
     num_directions: int = 1,
     distribution: Union[str, Sampler] = DEFAULT_DISTRIBUTION,
+    has_aux: bool = False,
 ):
   """Forward gradient with exact directional derivatives from :func:`jax.jvp`.
 
@@ -384,15 +413,18 @@ def jvp_grad(
   :math:`\\mathbb{E}[g] = \\nabla f(w)` because :math:`\\mathbb{E}[z z^T] = I`.
 
   Args:
-    value_fn: scalar objective ``f(params)``.
+    value_fn: scalar float objective ``f(params)``, a pure, deterministic function of the params
+      (close over the batch; every direction must see the same one).
     params: pytree of float arrays.
     key: PRNG key; direction ``i`` uses ``fold_in(key, i)``.
     num_directions: ``m``, a Python int.
     distribution: a name in ``fwdgrad.estimators.DISTRIBUTIONS`` (default ``"irwin_hall"``,
       see :func:`fwdgrad.estimators.get_sampler`) or a ``sampler(key, shape, dtype)``.
+    has_aux: ``value_fn`` returns ``(loss, aux)``; ``aux`` is the unperturbed call's.
 
   Returns:
-    ``(loss, grads)``: ``loss = f(params)`` (exact, from the JVP's primal output) and the estimate.
+    ``(loss, grads)``: ``loss = f(params)`` (exact, from the JVP's primal output) and the estimate;
+    ``((loss, aux), grads)`` with ``has_aux``, as :func:`jax.value_and_grad` gives.
 
   Examples:
     >>> f = lambda p: jnp.sum(p["w"] ** 2)
@@ -401,17 +433,22 @@ def jvp_grad(
   num_directions = _check_num_directions(num_directions)
   _check_params(params)
   sampler = get_sampler(distribution)
+  fn = objective.checked(value_fn, has_aux)
 
   def probe(index, carry):
-    _, slopes = carry
+    _, slopes, aux = carry
     # Drawn once the previous direction is done, so two tangents are never alive together.
     z = sample_direction(fresh_key(direction_key(key, index), slopes), params, sampler)
-    loss, slope = jax.jvp(value_fn, (_distinct_primal(_first_elements(z), params),), (z,))
-    return loss.astype(jnp.float32), slopes.at[index].set(slope.astype(jnp.float32))
+    loss, slope, new_aux = jax.jvp(fn, (_distinct_primal(_first_elements(z), params),), (z,),
+                                   has_aux=True)
+    return (loss, slopes.at[index].set(slope.astype(jnp.float32)),
+            keep_first(index, new_aux, aux))
 
-  init = (jnp.zeros((), jnp.float32), jnp.zeros((num_directions,), jnp.float32))
-  loss, slopes = direction_loop(num_directions, probe, init)
-  return loss, accumulate_directions(key, params, slopes / num_directions, sampler, after=slopes)
+  aux = aux_placeholder(fn, params) if has_aux else None
+  init = (jnp.zeros((), jnp.float32), jnp.zeros((num_directions,), jnp.float32), aux)
+  loss, slopes, aux = direction_loop(num_directions, probe, init)
+  grads = accumulate_directions(key, params, slopes / num_directions, sampler, after=slopes)
+  return ((loss, aux) if has_aux else loss), grads
 
 
 def spsa_grad(
@@ -423,6 +460,7 @@ def spsa_grad(
     epsilon: float = 1e-3,
     distribution: Union[str, Sampler] = DEFAULT_DISTRIBUTION,
     sign: bool = False,
+    has_aux: bool = False,
 ):
   """SPSA (two forward calls per direction, central difference), or the paper's sign-m-SPSA.
 
@@ -438,7 +476,9 @@ def spsa_grad(
   derivative exactly.
 
   Args:
-    value_fn: scalar objective ``f(params)``; only ever called, never differentiated.
+    value_fn: scalar float objective ``f(params)``; only ever called, never differentiated. It
+      must be a pure, deterministic function of the params: the 2m calls of a step must see the
+      same batch and the same dropout key, or the loss difference measures that noise.
     params: pytree of float arrays.
     key: PRNG key; direction ``i`` uses ``fold_in(key, i)``.
     num_directions: ``m``, a Python int.
@@ -446,40 +486,47 @@ def spsa_grad(
     distribution: a name in ``fwdgrad.estimators.DISTRIBUTIONS`` (default ``"irwin_hall"``,
       see :func:`fwdgrad.estimators.get_sampler`) or a ``sampler(key, shape, dtype)``.
     sign: keep only the sign of the loss difference (sign-m-SPSA).
+    has_aux: ``value_fn`` returns ``(loss, aux)``; ``aux`` is the first call's,
+      ``f(w + ε z_1)``'s (there is no unperturbed call).
 
   Returns:
     ``(loss, grads)`` where ``loss`` is the mean over directions of
     ``(f(w + εz) + f(w - εz)) / 2``, which equals ``f(w)`` up to ``O(ε²)``; no extra forward call
-    is spent on the unperturbed loss.
+    is spent on the unperturbed loss. ``((loss, aux), grads)`` with ``has_aux``.
 
   Examples:
     >>> loss, g = fwdgrad.spsa_grad(f, params, jax.random.key(0), num_directions=3, sign=True)
   """
   num_directions = _check_num_directions(num_directions)
   _check_params(params)
+  objective.check_epsilon(epsilon, "spsa_grad")
   sampler = get_sampler(distribution)
+  fn = objective.checked(value_fn, has_aux)
 
   def perturbed(scale):
     def loss_at(operands):
       # The point is built inside the call: only the parameters and a key go into it.
       params, direction = operands
-      return value_fn(_axpy(scale, sample_direction(direction, params, sampler), params))
+      return fn(_axpy(scale, sample_direction(direction, params, sampler), params))
     return loss_at
 
   def probe(index, carry):
-    loss_sum, coefficients = carry
+    loss_sum, coefficients, aux = carry
     direction = direction_key(key, index)
-    loss_plus = call_apart(perturbed(epsilon), (params, fresh_key(direction, loss_sum)),
-                           after=loss_sum)
-    loss_minus = call_apart(perturbed(-epsilon), (params, fresh_key(direction, loss_plus)),
-                            after=loss_plus)
-    difference = (loss_plus - loss_minus).astype(jnp.float32)
+    loss_plus, aux_plus = call_apart(perturbed(epsilon), (params, fresh_key(direction, loss_sum)),
+                                     after=loss_sum)
+    loss_minus, _ = call_apart(perturbed(-epsilon), (params, fresh_key(direction, loss_plus)),
+                               after=loss_plus)
+    difference = loss_plus - loss_minus
     coefficient = jnp.sign(difference) if sign else difference / (2.0 * epsilon)
-    loss_sum = loss_sum + 0.5 * (loss_plus + loss_minus).astype(jnp.float32)
-    return loss_sum, coefficients.at[index].set(coefficient)
+    loss_sum = loss_sum + 0.5 * (loss_plus + loss_minus)
+    return (loss_sum, coefficients.at[index].set(coefficient),
+            keep_first(index, aux_plus, aux))
 
-  init = (jnp.zeros((), jnp.float32), jnp.zeros((num_directions,), jnp.float32))
-  loss_sum, coefficients = direction_loop(num_directions, probe, init)
+  aux = aux_placeholder(fn, params) if has_aux else None
+  init = (jnp.zeros((), jnp.float32), jnp.zeros((num_directions,), jnp.float32), aux)
+  loss_sum, coefficients, aux = direction_loop(num_directions, probe, init)
   grads = accumulate_directions(key, params, coefficients / num_directions, sampler,
                                 after=coefficients)
-  return loss_sum / num_directions, grads
+  loss = loss_sum / num_directions
+  return ((loss, aux) if has_aux else loss), grads

@@ -61,6 +61,7 @@ import optax
 from fwdgrad import enhancements
 from fwdgrad import estimators
 from fwdgrad import fixed_point
+from fwdgrad import objective
 from fwdgrad import quant
 from fwdgrad import transform
 
@@ -83,6 +84,8 @@ class QZOState(NamedTuple):
     epsilon_q: ``ε_q = round(ε / Δ_w)`` per leaf (int32, clipped to the weight range).
     previous_directions: the last step's ``m`` perturbations as int8 ``z_q`` stacked on a leading
       axis, for momentum-guided sampling (``m`` bytes per parameter); ``()`` otherwise.
+    aux: with ``has_aux``, the aux of the last step's first forward call
+      (:func:`fwdgrad.step_aux`); ``None`` otherwise.
   """
   key: chex.PRNGKey
   count: chex.Array
@@ -90,6 +93,7 @@ class QZOState(NamedTuple):
   weight_scale: PyTree
   epsilon_q: PyTree
   previous_directions: PyTree
+  aux: Any = None
 
 
 class PerturbationFormat(NamedTuple):
@@ -316,6 +320,7 @@ def qzo_ff(
     sharpness_radius: Optional[float] = None,
     kernelwise: bool = False,
     weight_scale: Optional[PyTree] = None,
+    has_aux: bool = False,
 ) -> optax.GradientTransformationExtraArgs:
   """The paper's quantized forward-gradient (QZO-FF) step as an optax transformation.
 
@@ -373,6 +378,12 @@ def qzo_ff(
     weight_scale: the grid to train on: a pytree like the params given to ``init`` whose leaves
       are ``Δ_w`` (a scalar or broadcastable per-channel array) or ``None`` (computed by the rule
       above), e.g. ``fwdgrad.models.weight_scales(variables)``; ``None``: all computed.
+    has_aux: ``value_fn`` returns ``(loss, aux)``; the state keeps the aux of the step's first
+      forward call (at ``w_q + ε_q z_q,1``), read with :func:`fwdgrad.step_aux`.
+
+  ``value_fn`` must return a float32 scalar and be a pure, deterministic function of the params
+  (same batch, same dropout key in every call of a step). A NaN or inf loss raises a
+  :class:`fwdgrad.NonFiniteLossWarning`.
 
   Returns:
     An ``optax.GradientTransformationExtraArgs`` with :class:`QZOState`.
@@ -388,8 +399,7 @@ def qzo_ff(
   if weight_bits > 16:
     raise ValueError(f"weight_bits must be at most 16 (the paper's 16w8a), got {weight_bits}.")
   fmt = perturbation_format(perturbation_bits, z_max)
-  if not epsilon > 0:
-    raise ValueError(f"epsilon must be positive, got {epsilon!r}.")
+  objective.check_epsilon(epsilon, "qzo_ff")
   if isinstance(distribution, str) and distribution not in QZO_DISTRIBUTIONS:
     raise ValueError(f"unknown distribution {distribution!r}; expected one of "
                      f"{QZO_DISTRIBUTIONS} or a callable sampler(key, shape, dtype).")
@@ -438,10 +448,12 @@ def qzo_ff(
     across the 2m forward calls and writes no perturbed copy of the parameters out in full (see
     fwdgrad.estimators.call_apart).
     """
+    fn = objective.checked(value_fn, has_aux)
+
     def call(inputs):
       params, operands = inputs
-      return value_fn(_dequantized(point_q(params, operands), state.weight_scale, params))
-    return estimators.call_apart(call, (params, operands), after=after).astype(jnp.float32)
+      return fn(_dequantized(point_q(params, operands), state.weight_scale, params))
+    return estimators.call_apart(call, (params, operands), after=after)
 
   def perturb(w_q, coefficient_q, z_q):
     return jax.tree_util.tree_map(
@@ -474,8 +486,9 @@ def qzo_ff(
                       shift, sign)
       return point_q
 
-    loss_plus = loss_at(value_fn, side(1), key, state, params, after=state.count)
-    ascend_plus = loss_plus >= loss_at(value_fn, side(-1), key, state, params, after=loss_plus)
+    loss_plus, _ = loss_at(value_fn, side(1), key, state, params, after=state.count)
+    loss_minus, _ = loss_at(value_fn, side(-1), key, state, params, after=loss_plus)
+    ascend_plus = loss_plus >= loss_minus
     w_plus = ascend(w_q, u_q, multiplier, shift, 1)
     w_minus = ascend(w_q, u_q, multiplier, shift, -1)
     return jax.tree_util.tree_map(lambda a, b: jnp.where(ascend_plus, a, b), w_plus, w_minus)
@@ -535,11 +548,11 @@ def qzo_ff(
               estimators.fresh_key(estimators.direction_key(step_key, index), after), after)
 
     def probe(index, carry):
-      loss_sum, signs = carry
-      loss_plus = loss_at(value_fn, perturbed(index, state.epsilon_q),
-                          operands(index, loss_sum), state, params, after=loss_sum)
-      loss_minus = loss_at(value_fn, perturbed(index, minus_epsilon),
-                           operands(index, loss_plus), state, params, after=loss_plus)
+      loss_sum, signs, aux = carry
+      loss_plus, aux_plus = loss_at(value_fn, perturbed(index, state.epsilon_q),
+                                    operands(index, loss_sum), state, params, after=loss_sum)
+      loss_minus, _ = loss_at(value_fn, perturbed(index, minus_epsilon),
+                              operands(index, loss_plus), state, params, after=loss_plus)
       sign = jnp.sign(loss_plus - loss_minus).astype(jnp.int32)
       # Identical integer weights give identical losses on a chip, but XLA may sum the two calls
       # in different orders (a difference of ~1e-8): force sign(0) = 0 as the hardware would.
@@ -548,10 +561,15 @@ def qzo_ff(
       same = _trees_equal(perturb(center_after(loss_minus), state.epsilon_q, z_q),
                           perturb(center_after(loss_minus), minus_epsilon, z_q))
       sign = jnp.where(same, 0, sign)
-      return loss_sum + 0.5 * (loss_plus + loss_minus), signs.at[index].set(sign)
+      return (loss_sum + 0.5 * (loss_plus + loss_minus), signs.at[index].set(sign),
+              estimators.keep_first(index, aux_plus, aux))
 
-    loss_sum, signs = estimators.direction_loop(
-        m, probe, (jnp.zeros((), jnp.float32), jnp.zeros((m,), jnp.int32)))
+    aux = None
+    if has_aux:
+      aux = estimators.aux_placeholder(
+          lambda p: objective.checked(value_fn, True)(p), params)
+    loss_sum, signs, aux = estimators.direction_loop(
+        m, probe, (jnp.zeros((), jnp.float32), jnp.zeros((m,), jnp.int32), aux))
 
     # sum_i sign_i z_q,i, with the directions drawn again: int16 holds it for m <= 258 at 8 bits.
     total_dtype = jnp.int16 if m * quant.qmax(fmt.bits) <= 2**15 - 1 else jnp.int32
@@ -592,9 +610,10 @@ def qzo_ff(
     previous = state.previous_directions
     if stacked is not None:
       previous = stacked
+    objective.warn_if_nonfinite(loss_sum / m, state.count, "qzo_ff")
     new_state = QZOState(key=state.key, count=optax.safe_increment(state.count),
                          loss=loss_sum / m, weight_scale=state.weight_scale,
-                         epsilon_q=state.epsilon_q, previous_directions=previous)
+                         epsilon_q=state.epsilon_q, previous_directions=previous, aux=aux)
     return new_updates, new_state
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)

@@ -308,8 +308,8 @@ def pretrain(config, splits: Splits, workdir: str) -> dict:
             config.adapt.eval_batch_size)
         row["val_accuracy"] = float(jnp.mean(jnp.argmax(logits, -1) == val.labels))
       writer.write(start, row)
-      bar.update(length)
-      bar.set_postfix({k: f"{v:.3f}" for k, v in row.items()})
+      bar.set_postfix({k: f"{v:.3f}" for k, v in row.items()}, refresh=False)
+      bar.update(length)  # One refresh per chunk, postfix included.
       if start % cfg.checkpoint_every == 0 or start == cfg.steps:
         manager.save(start, args=ocp.args.StandardSave(state))
         saved = start
@@ -489,7 +489,8 @@ def adapt_all(config, splits: Splits, variables: dict, workdir: str) -> dict:
           diverged = done[index]
         reporting.append_record(path, done[index])
       if diverged is None:
-        bar.set_postfix(accuracy=f"{np.mean([done[i]['accuracy'] for i in done]):.3f}")
+        bar.set_postfix(accuracy=f"{np.mean([done[i]['accuracy'] for i in done]):.3f}",
+                        refresh=False)
     bar.close()
     if diverged is not None:
       message = (f"method {name!r} diverged: its loss blew up at adaptation step "

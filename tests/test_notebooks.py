@@ -46,6 +46,20 @@ def test_stored_without_outputs(path):
 
 
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=_names(NOTEBOOKS))
+def test_install_cell_installs_the_clone_it_sits_in(path, monkeypatch):
+  """Run with the %pip line read, not executed (no network): it names this clone, editable."""
+  cell = next(c for c in nbformat.read(path, as_version=4).cells if c.cell_type == "code")
+  lines = cell.source.splitlines()
+  python = "\n".join(line for line in lines if not line.startswith("%pip"))
+  (pip,) = [line for line in lines if line.startswith("%pip")]
+  monkeypatch.chdir(os.path.dirname(path))
+  namespace = {}
+  exec(compile(python, path, "exec"), namespace)  # pylint: disable=exec-used
+  target = pip.split("-e ", 1)[1].strip().strip('"').format(**namespace)
+  assert target == f"{os.path.realpath(os.path.dirname(os.path.dirname(path)))}[train]"
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=_names(NOTEBOOKS))
 def test_install_cell_first_and_public_api_only(path):
   notebook = nbformat.read(path, as_version=4)
   code = [cell for cell in notebook.cells if cell.cell_type == "code"]

@@ -37,6 +37,18 @@ def test_readme_fixed_point_recipe_runs():
   assert float(state.weight_scale["head"]["kernel"]) == float(scales["head"]["kernel"])
 
 
+def test_readme_flax_recipes_run():
+  """The TrainState block runs after the first example; the NNX block runs on its own names."""
+  blocks = re.findall(r"```python\n(.*?)```", _readme(), re.S)
+  namespace = {}
+  exec(compile(blocks[0].replace("range(200)", "range(2)"), "README.md", "exec"), namespace)  # pylint: disable=exec-used
+  exec(compile(blocks[2], "README.md", "exec"), namespace)  # pylint: disable=exec-used
+  assert int(namespace["state"].step) == 1 and np.isfinite(float(namespace["loss"]))
+  exec(compile(blocks[3], "README.md", "exec"), namespace)  # pylint: disable=exec-used
+  assert int(namespace["optimizer"].step[...]) == 1 and np.isfinite(float(namespace["loss"]))
+  assert int(namespace["cnn"].dropout.rngs.count[...]) == 1
+
+
 def test_readme_gives_exactly_the_two_commands_and_ci_runs_the_test_one():
   commands = re.findall(r"```sh\n(.*?)```", _readme(), re.S)
   assert len(commands) == 2

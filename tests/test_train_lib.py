@@ -246,6 +246,11 @@ def test_train_py_runs_and_accepts_overrides(tmp_path):
   completed = subprocess.run(command, capture_output=True, text=True, timeout=600, cwd=tmp_path)
   assert completed.returncode == 0, completed.stderr[-3000:]
   assert "| qzo_ff_16w8a | 16w8a |" in completed.stdout
+  # A quiet main job: libraries' INFO logs (orbax's per save) hidden, the table last.
+  output = (completed.stderr + completed.stdout).splitlines()
+  assert not [line for line in output if line.startswith("I1") or " INFO " in line], output[:5]
+  assert len(output) <= 25, output
+  assert completed.stdout.rstrip().splitlines()[-1].startswith("pre-training: validation")
   results = json.load(open(tmp_path / "results.json"))
   assert results["zero_shot"]["tasks"] == 1
   bad = subprocess.run(command[:4] + ["--config.adapt.mode=bitfit"], capture_output=True,

@@ -44,6 +44,13 @@ class Conv4(nn.Module):
   def __call__(self, images: jax.Array, train: bool = False) -> jax.Array:
     # Every layer reads its input on the grid of the quantizer before it (ReLU and max-pool keep
     # the grid), so only the images get a quantizer of their own.
+    smallest = 2 ** len(self.features)
+    if images.ndim != 4 or min(images.shape[1:3]) < smallest:
+      raise ValueError(
+          f"Conv4 takes images of shape (batch, height, width, channels) and halves them in each "
+          f"of its {len(self.features)} blocks, so it needs at least {smallest}x{smallest} pixels; "
+          f"got shape {tuple(images.shape)}. Resize the images (jax.image.resize to 28x28, say) "
+          f"or use fewer blocks (features=(64, 64)).")
     x = layers.QAct(self.precision, name="act_input")(images)
     for i, width in enumerate(self.features):
       x = layers.ConvBN(width, (3, 3), padding=1, precision=self.precision, quantize_input=False,
