@@ -105,7 +105,8 @@ class ProbedModel(nn.Module):
     head: module mapping features to logits, e.g. ``LinearHead(num_classes, num_layers=3)``.
 
   Examples:
-    >>> model = ProbedModel(get_model("conv4", num_classes=None), LinearHead(5, num_layers=3))
+    >>> backbone = fwdgrad.models.get_model("conv4", num_classes=None)
+    >>> model = ProbedModel(backbone, LinearHead(5, num_layers=3))
     >>> variables = model.init(jax.random.key(0), jnp.zeros((1, 28, 28, 1)))
     >>> selection = select_trainable(variables["params"], "lp3")
   """
@@ -486,6 +487,8 @@ def bind_frozen(fn: Callable[..., Any], frozen: PyTree) -> Callable[..., Any]:
   Examples:
     >>> trainable, frozen = partition(params, select_trainable(params, "dvpt"))
     >>> value_fn = bind_frozen(lambda p: loss_fn(p, batch), frozen)
+    >>> tx = optax.chain(fwdgrad.forward_gradient("spsa", key=0), optax.sgd(1e-2))
+    >>> state = tx.init(trainable)
     >>> updates, state = tx.update(trainable, state, trainable, value_fn=value_fn)
   """
   def fn_on_trainable(trainable, *args, **kwargs):

@@ -84,7 +84,7 @@ def make_transform(method, key: jax.Array,
   (:func:`fwdgrad.models.weight_scales`, shaped like the trained params).
 
   Examples:
-    >>> method = experiment.method("spsa", sharpness_radius=0.05, kernelwise=True)
+    >>> method = fwdgrad.experiment.method("spsa", sharpness_radius=0.05, kernelwise=True)
     >>> tx = make_transform(method, jax.random.key(0))
   """
   kind = method.kind

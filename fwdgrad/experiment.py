@@ -56,6 +56,7 @@ def method(kind: str, **overrides) -> ml_collections.ConfigDict:
   """A method config with every field (so any can be overridden on the command line).
 
   Examples:
+    >>> config = fwdgrad.default_config()
     >>> config.methods = dict(zero_shot=method("zero_shot"),
     ...                       qzo_16w8a=method("qzo_ff", precision="16w8a", learning_rate=1e-3))
   """

@@ -76,7 +76,9 @@ def prototypes(support_features: jax.Array, support_labels: jax.Array,
 
   Examples:
     >>> protos = prototypes(jnp.array([[0., 0.], [2., 0.], [0., 4.]]), jnp.array([0, 0, 1]), 2)
-    >>> protos  # [[1., 0.], [0., 4.]]
+    >>> protos
+    Array([[1., 0.],
+           [0., 4.]], dtype=float32)
   """
   num_classes = _check_num_classes(num_classes)
   features = _flatten_features(support_features, "support_features")

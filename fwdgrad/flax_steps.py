@@ -46,6 +46,9 @@ def apply_forward_gradient(state, value_fn: Callable[[PyTree], jax.Array], **ext
     ``fwdgrad.step_loss(new_state.opt_state)``.
 
   Examples:
+    >>> from flax.training import train_state
+    >>> tx = optax.chain(fwdgrad.forward_gradient("spsa", key=0), optax.adam(1e-3))
+    >>> state = train_state.TrainState.create(apply_fn=model.apply, params=params, tx=tx)
     >>> state = fwdgrad.apply_forward_gradient(state, lambda p: loss_fn(p, batch))
   """
   updates, opt_state = state.tx.update(state.params, state.opt_state, state.params,
@@ -127,9 +130,15 @@ def nnx_update(optimizer, model, loss_fn: Callable[..., jax.Array], *args,
     The step's loss (:func:`fwdgrad.step_loss`).
 
   Examples:
+    >>> from flax import nnx
+    >>> model = nnx.Linear(8, 2, rngs=nnx.Rngs(0))
+    >>> tx = optax.chain(fwdgrad.forward_gradient("spsa", key=0, has_aux=True), optax.sgd(0.1))
+    >>> optimizer = nnx.Optimizer(model, tx, wrt=nnx.Param)
+    >>> loss_fn = lambda model, x, y: jnp.mean((model(x) - y) ** 2)
     >>> @nnx.jit
     ... def train_step(model, optimizer, x, y):
     ...   return fwdgrad.nnx_update(optimizer, model, loss_fn, x, y)
+    >>> loss = train_step(model, optimizer, jnp.ones((4, 8)), jnp.zeros((4, 2)))
   """
   from flax import nnx  # pylint: disable=g-import-not-at-top
   value_fn, params = nnx_value_fn(model, loss_fn, *args, wrt=optimizer.wrt,

@@ -82,7 +82,7 @@ def blockwise_sampler(distribution: Union[str, estimators.Sampler] = estimators.
 
   Examples:
     >>> sampler = blockwise_sampler("rademacher", 1 << 16)
-    >>> loss, grads = fwdgrad.spsa_grad(f, params, key, distribution=sampler, block_size)
+    >>> loss, grads = fwdgrad.spsa_grad(f, params, key, distribution=sampler)
   """
   sampler = estimators.get_sampler(distribution)
   block_size = _check_block_size(block_size)
@@ -208,7 +208,8 @@ def fused_spsa_step(
   Examples:
     >>> step = jax.jit(functools.partial(fused_spsa_step, loss_fn, learning_rate=1e-2,
     ...                                  num_directions=3, sign=True), donate_argnums=0)
-    >>> params, loss = step(params, jax.random.fold_in(key, t))
+    >>> for t in range(3):
+    ...   params, loss = step(params, jax.random.fold_in(key, t))
   """
   num_directions = estimators._check_num_directions(num_directions)
   estimators._check_params(params)
@@ -302,6 +303,7 @@ def make_fused_train_step(
 
   Examples:
     >>> step = make_fused_train_step(loss_fn, learning_rate=1e-2, num_directions=3, sign=True)
+    >>> batches = [(x, y)] * 3
     >>> for t, (x, y) in enumerate(batches):
     ...   params, loss = step(params, key, t, x, y)
   """

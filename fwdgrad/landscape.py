@@ -236,6 +236,8 @@ def pca_directions(trajectory: Union[Sequence[PyTree], PyTree], *, ignore_bias_b
     A :class:`PCADirections` with unit-norm, orthogonal directions.
 
   Examples:
+    >>> params_per_epoch = [jax.tree.map(lambda p: p + 0.01 * i * jnp.sin(p + i), params)
+    ...                     for i in range(4)]
     >>> pca = pca_directions(params_per_epoch)  # then loss_surface(loss_fn, pca.center, ...)
   """
   stacked = stack_trajectory(trajectory)
@@ -443,6 +445,8 @@ def loss_surface(loss_fn: Callable[[PyTree], jax.Array], center: PyTree, directi
     A :class:`LossSurface`.
 
   Examples:
+    >>> trajectory = [jax.tree.map(lambda p: p + 0.01 * i * jnp.sin(p + i), params)
+    ...               for i in range(4)]
     >>> pca = pca_directions(trajectory)
     >>> ranges = fit_ranges(project_trajectory(trajectory, pca.center, pca.directions))
     >>> surface = loss_surface(loss_fn, pca.center, pca.directions, *grid_coordinates(*ranges),

@@ -125,7 +125,10 @@ def plot_surfaces(surfaces: Mapping[str, LossSurface], path: Union[str, os.PathL
     The path written.
 
   Examples:
-    >>> plot_surfaces({"BP": bp, "FF": ff, "FF 16w8a": ff16, "FF 8w8a": ff8}, "landscape.png")
+    >>> import os, tempfile
+    >>> grid = fwdgrad.landscape.grid_coordinates(resolution=5)
+    >>> bp = ff = fwdgrad.loss_surface(loss_fn, params, fwdgrad.random_directions(key, params), *grid)
+    >>> path = plot_surfaces({"BP": bp, "FF": ff}, os.path.join(tempfile.mkdtemp(), "landscape.png"))
   """
   from matplotlib.backends.backend_agg import FigureCanvasAgg  # pylint: disable=g-import-not-at-top
   from matplotlib.figure import Figure  # pylint: disable=g-import-not-at-top

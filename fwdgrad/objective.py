@@ -159,6 +159,8 @@ def step_loss(opt_state: PyTree) -> jax.Array:
   wrappers; 0 before the first update.
 
   Examples:
+    >>> tx = optax.chain(fwdgrad.forward_gradient("spsa", key=0), optax.sgd(1e-2))
+    >>> opt_state = tx.init(params)
     >>> updates, opt_state = tx.update(params, opt_state, params, value_fn=loss_fn)
     >>> loss = fwdgrad.step_loss(opt_state)
   """

@@ -31,10 +31,12 @@ The ``psum`` of the losses then runs over the interconnect (a few bytes per step
 this module runs unchanged.
 
 Examples:
-  >>> mesh = fwdgrad.parallel.make_mesh(num_directions=4, num_data=2)
+  >>> mesh = fwdgrad.parallel.make_mesh(num_directions=4, num_data=2)  # doctest: +SKIP
+  >>> mesh = fwdgrad.parallel.make_mesh()  # on the devices there are
   >>> step = fwdgrad.parallel.make_parallel_train_step(
   ...     loss_fn, mesh, learning_rate=1e-2, num_directions=3, sign=True)
-  >>> params, loss = step(params, jax.random.fold_in(key, t), x, y)
+  >>> for t in range(3):
+  ...   params, loss = step(params, jax.random.fold_in(key, t), x, y)
 """
 
 from __future__ import annotations
@@ -130,6 +132,8 @@ def sharded_spsa_grad(
     ``(loss, grads)`` as :func:`fwdgrad.spsa_grad` returns them.
 
   Examples:
+    >>> from jax.sharding import PartitionSpec as P
+    >>> mesh = make_mesh()
     >>> @functools.partial(jax.shard_map, mesh=mesh, in_specs=(P(), P(), P("data")),
     ...                    out_specs=(P(), P()))
     ... def grad_fn(params, key, x):

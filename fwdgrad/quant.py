@@ -239,7 +239,7 @@ def fake_quant(
   Examples:
     >>> import jax.numpy as jnp, fwdgrad
     >>> fwdgrad.fake_quant(jnp.array([0.0, 0.3, 1.0]), 4)   # Δ = 1/7
-    Array([0.        , 0.2857143 , 1.        ], dtype=float32)
+    Array([0.       , 0.2857143, 1.       ], dtype=float32)
     >>> fwdgrad.fake_quant(jnp.array([5.0]), 8, scale_method="static", max_value=3.5)
     Array([3.5], dtype=float32)
   """

@@ -623,7 +623,8 @@ def qzo_integer_weights(params: PyTree, state: QZOState, weight_bits: int = 16) 
   """The integer weights ``w_q`` that ``params`` stand for under ``qzo_ff``'s state (int16).
 
   Examples:
-    >>> w_q = fwdgrad.qzo_integer_weights(params, opt_state, 16)   # int16 pytree
+    >>> opt_state = fwdgrad.qzo_ff(1e-3, key=0).init(params)
+    >>> w_q = fwdgrad.qzo.qzo_integer_weights(params, opt_state, 16)   # int16 pytree
   """
   if not isinstance(state, QZOState):
     raise ValueError(f"expected the QZOState of qzo_ff, got {type(state).__name__}; with "

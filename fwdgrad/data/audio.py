@@ -71,7 +71,7 @@ def read_wav(path: Union[str, os.PathLike]) -> Tuple[np.ndarray, int]:
 
   Examples:
     >>> audio, rate = read_wav("fsdd/recordings/0_george_0.wav")  # doctest: +SKIP
-    >>> rate
+    >>> rate  # doctest: +SKIP
     8000
   """
   try:

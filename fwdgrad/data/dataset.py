@@ -110,7 +110,7 @@ def split_examples(dataset: Dataset, test_fraction: float, *, seed: int) -> Tupl
     ``(train, test)``.
 
   Examples:
-    >>> train, test = split_examples(load_digits(), 0.2, seed=0)
+    >>> train, test = split_examples(fwdgrad.data.load_digits(), 0.2, seed=0)
   """
   if not 0.0 < test_fraction < 1.0:
     raise ValueError(f"test_fraction must lie in (0, 1), got {test_fraction}.")

@@ -11,10 +11,11 @@ int or a JAX key) and the episode index, so episode ``t`` is the same whatever w
 in any process, and episodes can be drawn in parallel or out of order.
 
 Examples:
-  >>> base, val, novel = split_classes(omniglot, (0.6, 0.2, 0.2), seed=0)
+  >>> digits = fwdgrad.data.load_digits()
+  >>> base, val, novel = split_classes(digits, (0.4, 0.1, 0.5), seed=0)
   >>> episode = sample_episode(novel, 0, 17, num_ways=5, num_shots=5, num_queries=15)
-  >>> episode.support_inputs.shape  # (N * K, 28, 28, 1), labels 0..4 in blocks of K
-  (25, 28, 28, 1)
+  >>> episode.support_inputs.shape  # (N * K, 8, 8, 1), labels 0..4 in blocks of K
+  (25, 8, 8, 1)
 """
 
 from __future__ import annotations

@@ -16,8 +16,9 @@ Nothing is downloaded: every source but ``digits`` reads a path that the caller 
 
 Examples:
   >>> digits = load_dataset("digits")
-  >>> fashion = load_dataset("idx", path="/usr/share/datasets/fashion-mnist", split="test")
-  >>> mnist = load_dataset("tfds:mnist", data_dir="/data/tensorflow_datasets")
+  >>> fashion = load_dataset("idx", path="/usr/share/datasets/fashion-mnist",
+  ...                        split="test")  # doctest: +SKIP
+  >>> mnist = load_dataset("tfds:mnist", data_dir="/data/tensorflow_datasets")  # doctest: +SKIP
 """
 
 from __future__ import annotations
@@ -137,7 +138,7 @@ def load_idx(
     255.
 
   Examples:
-    >>> fashion = load_idx("/usr/share/datasets/fashion-mnist", split="test")
+    >>> fashion = load_idx("/usr/share/datasets/fashion-mnist", split="test")  # doctest: +SKIP
   """
   if images_file is None or labels_file is None:
     if split not in _IDX_SPLITS:

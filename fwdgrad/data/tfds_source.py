@@ -99,7 +99,8 @@ def load_tfds(
       prepared in a format without random access, an unknown split or key.
 
   Examples:
-    >>> mnist = load_tfds("mnist", split="test", data_dir="/data/tensorflow_datasets")
+    >>> mnist = load_tfds("mnist", split="test",
+    ...                   data_dir="/data/tensorflow_datasets")  # doctest: +SKIP
   """
   tfds = _import_tfds()
   data_dir = None if data_dir is None else str(data_dir)

@@ -64,7 +64,7 @@ def load_wav_folder(
 
   Examples:
     >>> fsdd = load_wav_folder("free-spoken-digit-dataset/recordings", sample_rate=16000,
-    ...                        clip_seconds=1.0)
+    ...                        clip_seconds=1.0)  # doctest: +SKIP
   """
   root = existing_path(path, "WAV folder", _HINT)
   if not os.path.isdir(root):

@@ -108,6 +108,7 @@ def calibrate(model: nn.Module, variables: dict, inputs, *, method: str = "max",
     ValueError: for an unknown method, a percentile outside (0, 100] or no inputs.
 
   Examples:
+    >>> images = jax.random.uniform(jax.random.key(1), (256, 28, 28, 1))
     >>> model = fwdgrad.models.get_model("conv4", num_classes=5, precision="16w8a")
     >>> variables = model.init(jax.random.key(0), images[:1])
     >>> variables = fwdgrad.models.calibrate(model, variables, images[:256])

@@ -314,7 +314,7 @@ class QDense(nn.Module):
   Examples:
     >>> layer = QDense(4, precision="16w8a")
     >>> variables = layer.init(jax.random.key(0), jnp.ones((2, 3)))
-    >>> variables = calibrate(layer, variables, jnp.ones((8, 3)))
+    >>> variables = fwdgrad.models.calibrate(layer, variables, jnp.ones((8, 3)))
     >>> layer.apply(variables, jnp.ones((2, 3))).shape
     (2, 4)
   """
