@@ -184,7 +184,8 @@ def sharpness_aware_point(value_fn: Callable[[PyTree], jax.Array], params: PyTre
   """One directional ascent step: ``w̃ = w + ρ s u/‖u‖`` towards the higher of two losses.
 
   Args:
-    value_fn: scalar objective.
+    value_fn: scalar objective, a pure, deterministic function of the params
+      (same batch and dropout key in every call).
     params: pytree of float arrays.
     key: key of the direction ``u`` (drawn like :func:`fwdgrad.sample_direction`).
     radius: ``ρ``.
@@ -296,6 +297,9 @@ def enhanced_forward_gradient(
     momentum: :class:`MomentumGuidedSampling` or ``None``.
     sharpness_radius: ``ρ`` of the ascent step, or ``None``.
     has_aux: ``value_fn`` returns ``(loss, aux)``; the state keeps the first call's aux.
+
+  ``update`` takes ``value_fn``, a float scalar objective and a pure, deterministic function of
+  the params (same batch and dropout key in every call).
 
   Returns:
     An ``optax.GradientTransformationExtraArgs``; ``update(updates, state, params, *, value_fn)``.

@@ -185,7 +185,8 @@ def fused_spsa_step(
     params = jax.tree.map(lambda w, g: w - learning_rate * g, params, grads)
 
   Args:
-    loss_fn: scalar objective ``f(params)``; called ``2 m`` times, never differentiated.
+    loss_fn: scalar float objective ``f(params)``; called ``2 m`` times, never differentiated;
+      a pure, deterministic function of the params (same batch and dropout key in every call).
     params: pytree of float arrays. Donate it (``jax.jit(..., donate_argnums=...)``, or use
       :func:`make_fused_train_step`) so the updates happen in place.
     key: PRNG key of this step; direction ``i`` is ``fold_in(key, i)`` as in
@@ -288,7 +289,8 @@ def make_fused_train_step(
   so a run with the optax transform and SGD and a run with this step see the same directions.
 
   Args:
-    loss_fn: ``loss_fn(params, *batch) -> scalar``.
+    loss_fn: ``loss_fn(params, *batch) -> scalar``, a pure, deterministic function of the
+      params (the same batch and dropout key in every call).
     learning_rate: ``η`` or a schedule ``step_index -> η`` (an optax schedule).
     num_directions: ``m``, a Python int.
     epsilon: perturbation size ``ε``.

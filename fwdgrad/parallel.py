@@ -117,7 +117,8 @@ def sharded_spsa_grad(
      \\hat g = \\frac{1}{m} \\sum_i c_i(L_{2i}, L_{2i+1})\\, z_i
 
   Args:
-    value_fn: scalar objective of the local shard of data, ``f(params)``.
+    value_fn: scalar objective of the local shard of data, ``f(params)``; a pure, deterministic
+      function of the params (same batch and dropout key in every call).
     params: pytree of float arrays, the same on every device.
     key: PRNG key, the same on every device; direction ``i`` uses ``fold_in(key, i)``.
     num_directions: ``m``, a Python int.
@@ -193,7 +194,8 @@ def make_parallel_train_step(
   dimension over ``data_axis`` (which must divide it). The parameters are donated.
 
   Args:
-    loss_fn: ``loss_fn(params, *batch) -> scalar``, the mean loss of a batch.
+    loss_fn: ``loss_fn(params, *batch) -> scalar``, the mean loss of a batch; a pure, deterministic
+      function of the params (same batch and dropout key in every call).
     mesh: from :func:`make_mesh` (or any mesh with the two axes).
     learning_rate: ``η``.
     num_directions: ``m``, a Python int.
