@@ -26,7 +26,8 @@ Optax transforms (pass ``value_fn=loss_fn`` to ``update``)
                              perturbation; ``MomentumGuidedSampling`` configures the former.
   ``kernelwise_normalize``, ``masked_update``, ``sparse_update_mask``, ``binomial_sampler``.
   ``step_loss`` / ``step_aux``   the last update's loss (no extra forward call) and, with
-                             ``has_aux=True``, its aux, read from any optimizer state.
+                             ``has_aux=True``, its aux, read from any optimizer state;
+                             ``init_with_aux`` gives a ``has_aux`` state its final structure.
   ``NonFiniteLossWarning``   raised from the host when value_fn returns NaN or inf.
   ``value_fn`` must return a float scalar and be a pure, deterministic function of the params;
   a non-scalar, tuple or integer output is a one-line error that names the fix.
@@ -106,6 +107,7 @@ from fwdgrad.parallel import make_mesh
 from fwdgrad.parallel import make_parallel_train_step
 from fwdgrad.parallel import sharded_spsa_grad
 from fwdgrad.objective import NonFiniteLossWarning
+from fwdgrad.objective import init_with_aux
 from fwdgrad.objective import step_aux
 from fwdgrad.objective import step_loss
 from fwdgrad.profiling import step_memory
@@ -146,6 +148,7 @@ __all__ = (
     "fixed_point_weights",
     "forward_gradient",
     "fused_spsa_step",
+    "init_with_aux",
     "jvp_grad",
     "kernelwise_normalize",
     "load_surface",

@@ -174,7 +174,8 @@ def _loss_only(value_fn):
   """``value_fn``'s loss, whether it returns a loss or ``(loss, aux)`` (the ascent needs no aux)."""
   def loss(params):
     out = value_fn(params)
-    return objective.check_loss(out[0] if isinstance(out, tuple) and len(out) == 2 else out)
+    pair = isinstance(out, (tuple, list)) and len(out) == 2
+    return objective.check_loss(out[0] if pair else out)
   return loss
 
 
@@ -222,6 +223,7 @@ def spsa_grad_with_directions(value_fn: Callable[[PyTree], jax.Array], params: P
   Returns:
     ``(loss, grads)`` (``((loss, aux), grads)`` with ``has_aux``) as :func:`fwdgrad.spsa_grad`.
   """
+  objective.check_epsilon(epsilon, "spsa_grad_with_directions")
   m = jax.tree_util.tree_leaves(directions)[0].shape[0]
   fn = objective.checked(value_fn, has_aux)
 
@@ -308,6 +310,7 @@ def enhanced_forward_gradient(
     >>> tx = optax.chain(enhanced_forward_gradient(key=0, sharpness_radius=0.05), optax.sgd(1e-3))
   """
   estimators._check_num_directions(num_directions)
+  objective.check_epsilon(epsilon, "enhanced_forward_gradient")
   if distribution == "binomial":
     distribution = "rademacher"
   estimators.get_sampler(distribution)
@@ -319,17 +322,20 @@ def enhanced_forward_gradient(
   m = num_directions
 
   def init_fn(params):
+    estimators._check_params(params)  # pylint: disable=protected-access
     previous = ()
     if momentum is not None:
       previous = jax.tree_util.tree_map(lambda p: jnp.zeros((m,) + jnp.shape(p), p.dtype), params)
     return EnhancedForwardGradientState(key=base_key, count=jnp.zeros((), jnp.int32),
                                         loss=jnp.zeros((), jnp.float32),
-                                        previous_directions=previous)
+                                        previous_directions=previous,
+                                        aux=objective.PendingAux() if has_aux else None)
 
   def update_fn(updates, state, params=None, *, value_fn: Callable[..., Any] = None,
                 **extra_args):
     del updates, extra_args
     transform.missing_extra_args_error("enhanced_forward_gradient", params, value_fn)
+    estimators._check_params(params)  # pylint: disable=protected-access
     step_key = jax.random.fold_in(state.key, state.count)
     center = params
     if sharpness_radius is not None:

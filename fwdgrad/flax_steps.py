@@ -57,8 +57,9 @@ def apply_forward_gradient(state, value_fn: Callable[[PyTree], jax.Array], **ext
   return state.replace(step=state.step + 1, params=params, opt_state=opt_state)
 
 
-def nnx_value_fn(model, loss_fn: Callable[..., jax.Array], *args, wrt: Any = None,
-                 with_state: bool = True, **kwargs) -> Tuple[Callable[[PyTree], Any], PyTree]:
+def nnx_value_fn(model, loss_fn: Callable[..., Any], *args, wrt: Any = None,
+                 with_state: bool = True, has_aux: bool = False,
+                 **kwargs) -> Tuple[Callable[[PyTree], Any], PyTree]:
   """``(value_fn, params)`` for an NNX Module: the objective over the arrays of its ``wrt`` state.
 
   ``value_fn(params)`` merges ``params`` with the model's other variables as they are now and
@@ -70,10 +71,13 @@ def nnx_value_fn(model, loss_fn: Callable[..., jax.Array], *args, wrt: Any = Non
 
   Args:
     model: an ``nnx.Module``.
-    loss_fn: ``loss_fn(module, *args, **kwargs) -> scalar`` (as one writes for ``nnx.grad``).
+    loss_fn: ``loss_fn(module, *args, **kwargs) -> scalar`` (as one writes for ``nnx.grad``), or
+      ``-> (loss, aux)`` with ``has_aux``.
     *args, **kwargs: the batch and anything else ``loss_fn`` takes.
     wrt: the filter of trained variables (``nnx.Param`` when None).
     with_state: return the non-parameter state as aux.
+    has_aux: ``loss_fn`` returns ``(loss, aux)``; ``value_fn`` then returns
+      ``(loss, (aux, state))`` (``(loss, (aux, None))`` without ``with_state``).
 
   Returns:
     ``(value_fn, params)`` with ``params`` the pure arrays of the trained variables.
@@ -87,47 +91,60 @@ def nnx_value_fn(model, loss_fn: Callable[..., jax.Array], *args, wrt: Any = Non
 
   def value_fn(params):
     module = nnx.merge(graphdef, params, rest)
-    loss = loss_fn(module, *args, **kwargs)
-    if not with_state:
-      return loss
-    return loss, nnx.as_pure(nnx.state(module, nnx.Not(wrt)))
+    out = loss_fn(module, *args, **kwargs)
+    loss, aux = objective.split_output(out, has_aux, "loss_fn")
+    state = nnx.as_pure(nnx.state(module, nnx.Not(wrt))) if with_state else None
+    if has_aux:
+      return loss, (aux, state)
+    return (loss, state) if with_state else loss
 
   return value_fn, params
 
 
+def _estimator_nodes(opt_state: PyTree) -> list:
+  states = objective._estimator_states()  # pylint: disable=protected-access
+  return [node for node in jax.tree_util.tree_leaves(
+      opt_state, is_leaf=lambda node: isinstance(node, states)) if isinstance(node, states)]
+
+
 def _without_aux(opt_state: PyTree) -> PyTree:
-  """``opt_state`` with every estimator state's ``aux`` set back to None (its ``init`` shape)."""
+  """``opt_state`` with every estimator state's aux back to what ``init`` gave (its structure)."""
   states = objective._estimator_states()  # pylint: disable=protected-access
   return jax.tree_util.tree_map(
-      lambda node: node._replace(aux=None) if isinstance(node, states) else node, opt_state,
+      lambda node: node._replace(aux=None if node.aux is None else objective.PendingAux())
+      if isinstance(node, states) else node, opt_state,
       is_leaf=lambda node: isinstance(node, states))
 
 
-def nnx_update(optimizer, model, loss_fn: Callable[..., jax.Array], *args,
-               update_state: bool = True, **kwargs) -> jax.Array:
+def nnx_update(optimizer, model, loss_fn: Callable[..., Any], *args,
+               update_state: bool = True, has_aux: bool = False, **kwargs):
   """One forward-gradient step of an ``nnx.Optimizer``, with no gradients to pass.
 
   What ``optimizer.update(model, grads)`` does for backprop: the transform in ``optimizer.tx``
   estimates the gradient of ``loss_fn(model, *args, **kwargs)`` from forward calls, and the model
-  and the optimizer are updated in place. Works eagerly and inside ``nnx.jit``.
+  and the optimizer are updated in place. Works eagerly, inside ``nnx.jit`` and ``nnx.scan``.
 
   Non-parameter state (BatchNorm running statistics, dropout RNG counters): with
   ``update_state`` (default) it is taken from the step's first forward call, at ``w + ε z_1``
-  under SPSA and QZO-FF (ε-close to the unperturbed statistics) and at ``w`` under jvp; the
-  transform must then be built with ``has_aux=True``. With ``update_state=False`` it stays as it
-  is: running statistics never move (evaluate with batch statistics, or put BatchNorm in eval
-  mode for training too) and dropout draws the same mask at every step.
+  under SPSA and QZO-FF (ε-close to the unperturbed statistics) and at ``w`` under jvp; that
+  travels as the objective's aux, so **the transform must be built with** ``has_aux=True``. With
+  ``update_state=False`` it stays as it is: running statistics never move (evaluate with batch
+  statistics, or put BatchNorm in eval mode for training too) and dropout draws the same mask at
+  every step.
 
   Args:
     optimizer: an ``nnx.Optimizer`` over ``model`` whose ``tx`` starts with a forward-gradient
       transform.
     model: the ``nnx.Module`` it trains.
-    loss_fn: ``loss_fn(module, *args, **kwargs) -> scalar``.
+    loss_fn: ``loss_fn(module, *args, **kwargs) -> scalar``, or ``-> (loss, aux)`` with
+      ``has_aux``.
     *args, **kwargs: the batch.
     update_state: write back the non-parameter state of the first call (see above).
+    has_aux: ``loss_fn`` returns ``(loss, aux)`` (the transform needs ``has_aux=True`` too).
 
   Returns:
-    The step's loss (:func:`fwdgrad.step_loss`).
+    The step's loss (:func:`fwdgrad.step_loss`), or ``(loss, aux)`` with ``has_aux`` (aux from the
+    step's first call).
 
   Examples:
     >>> from flax import nnx
@@ -141,23 +158,32 @@ def nnx_update(optimizer, model, loss_fn: Callable[..., jax.Array], *args,
     >>> loss = train_step(model, optimizer, jnp.ones((4, 8)), jnp.zeros((4, 2)))
   """
   from flax import nnx  # pylint: disable=g-import-not-at-top
-  value_fn, params = nnx_value_fn(model, loss_fn, *args, wrt=optimizer.wrt,
-                                  with_state=update_state, **kwargs)
   opt_state = nnx.as_pure(optimizer.opt_state)
-  try:
-    updates, new_opt_state = optimizer.tx.update(params, opt_state, params, value_fn=value_fn)
-  except ValueError as error:
-    if update_state and "has_aux=True" in str(error):
-      raise ValueError(
-          "fwdgrad.nnx_update writes back the model's BatchNorm statistics and RNG counters from "
-          "the step's first forward call, which needs the transform built with has_aux=True "
-          "(e.g. fwdgrad.forward_gradient(..., has_aux=True)); or pass update_state=False to "
-          "keep them fixed.") from error
-    raise
+  nodes = _estimator_nodes(opt_state)
+  if not nodes:
+    raise ValueError("fwdgrad.nnx_update: optimizer.tx holds no forward-gradient transform "
+                     "(fwdgrad.forward_gradient, qzo_ff or enhanced_forward_gradient); for "
+                     "backprop use optimizer.update(model, grads).")
+  transform_aux = nodes[0].aux is not None
+  if (update_state or has_aux) and not transform_aux:
+    raise ValueError(
+        "fwdgrad.nnx_update: build the transform with has_aux=True (e.g. "
+        "fwdgrad.forward_gradient(..., has_aux=True)): the model's BatchNorm statistics and RNG "
+        "counters (and loss_fn's aux with has_aux) travel as the objective's aux. Or pass "
+        "update_state=False to keep them fixed.")
+  value_fn, params = nnx_value_fn(model, loss_fn, *args, wrt=optimizer.wrt,
+                                  with_state=update_state, has_aux=has_aux, **kwargs)
+  if transform_aux and not (update_state or has_aux):
+    plain = value_fn
+    value_fn = lambda params: (plain(params), None)
+  updates, new_opt_state = optimizer.tx.update(params, opt_state, params, value_fn=value_fn)
   nnx.update(model, optax.apply_updates(params, updates))
+  aux = objective.step_aux(new_opt_state)
+  user_aux, state = aux if has_aux else (None, aux)
   if update_state:
-    nnx.update(model, objective.step_aux(new_opt_state))
+    nnx.update(model, state)
   graph = getattr(optimizer, "graph", None)
   nnx.update(optimizer.opt_state, nnx.state(_without_aux(new_opt_state), graph=graph))
   optimizer.step[...] += 1
-  return objective.step_loss(new_opt_state)
+  loss = objective.step_loss(new_opt_state)
+  return (loss, user_aux) if has_aux else loss

@@ -15,7 +15,7 @@ wherever the forward-gradient transform sits in an ``optax.chain`` or wrapper.
 from __future__ import annotations
 
 import warnings
-from typing import Any, Callable, Tuple
+from typing import Any, Callable, NamedTuple, Tuple
 
 import jax
 import jax.numpy as jnp
@@ -26,6 +26,10 @@ PyTree = Any
 
 _FIX_SCALAR = ("return one float32 scalar, e.g. jnp.mean(per_example_losses), or "
                "loss.reshape(()) for a single-element array")
+
+
+class PendingAux(NamedTuple):
+  """The ``aux`` of a ``has_aux`` transform's state before its first update (no leaves)."""
 
 
 class NonFiniteLossWarning(UserWarning):
@@ -105,9 +109,21 @@ def check_params(tree: PyTree, name: str = "params") -> None:
     raise ValueError(
         f"{name} holds optax.MaskedNode placeholders: the forward-gradient transform runs inside "
         "optax.masked or optax.multi_transform, which hide the masked leaves from value_fn. Put "
-        "the estimator outside them: split the params with fwdgrad.partition, train the trainable "
-        "part with value_fn = fwdgrad.bind_frozen(loss_fn, frozen), or chain the estimator first "
-        "and mask only the optimizer after it.")
+        "the estimator outside them: split the params with fwdgrad.partition and train the "
+        "trainable part with value_fn = fwdgrad.bind_frozen(loss_fn, frozen), which also keeps "
+        "the frozen leaves out of the perturbation (optax.masked after the estimator would pass "
+        "the raw estimate to the leaves it masks out).")
+
+
+def check_static(name: str, values: dict, static: tuple) -> None:
+  """A ValueError when one of ``values`` (the Python numbers that fix a transform's shapes or
+  formats) arrives as an array, as ``optax.inject_hyperparams`` makes every numeric argument."""
+  for arg, value in values.items():
+    if isinstance(value, jax.Array):
+      raise ValueError(
+          f"{name}: {arg} sets the number of forward calls or the integer formats when the "
+          f"transform is built, so it cannot be an array; with optax.inject_hyperparams, list "
+          f"it in static_args={static!r}.")
 
 
 def check_epsilon(epsilon, name: str) -> None:
@@ -171,6 +187,42 @@ def step_aux(opt_state: PyTree) -> Any:
   """The auxiliary output of the last update's objective (a transform built with ``has_aux``).
 
   It comes from the first forward call of the step: ``f(w + ε z_1)`` under SPSA and QZO-FF,
-  the unperturbed ``f(w)`` under jvp. ``None`` after ``init`` and without ``has_aux``.
+  the unperturbed ``f(w)`` under jvp. ``None`` before the first update and without ``has_aux``
+  (placeholders of the right shape after :func:`init_with_aux`).
   """
-  return _find_state(opt_state, "step_aux").aux
+  aux = _find_state(opt_state, "step_aux").aux
+  return None if isinstance(aux, PendingAux) else aux
+
+
+def init_with_aux(tx, params: PyTree, value_fn: Callable[[PyTree], Any]) -> PyTree:
+  """``tx.init(params)`` with room for ``value_fn``'s aux in every ``has_aux`` estimator state.
+
+  A ``has_aux`` transform cannot know the aux's structure at ``init`` (optax's ``init`` sees only
+  the params), so its state changes structure at the first update. Start from this state where
+  that matters: a ``lax.scan`` over updates, ``optax.apply_if_finite`` or ``optax.MultiSteps``
+  around the chain (they select between old and new states), or a jitted step that should
+  compile once. ``value_fn`` is traced (never run) to find the aux's shapes.
+
+  Examples:
+    >>> tx = fwdgrad.forward_gradient("spsa", key=0, has_aux=True)
+    >>> value_fn = lambda p: (loss_fn(p), {"logits": model.apply({"params": p}, x)})
+    >>> opt_state = fwdgrad.init_with_aux(tx, params, value_fn)
+  """
+  state = tx.init(params)
+  states = _estimator_states()
+  found = [node for node in jax.tree_util.tree_leaves(state, is_leaf=lambda x: isinstance(
+      x, states)) if isinstance(node, states) and isinstance(node.aux, PendingAux)]
+  if not found:
+    raise ValueError("init_with_aux: tx has no forward-gradient transform built with "
+                     "has_aux=True; use tx.init(params).")
+  shapes = jax.eval_shape(lambda p: split_output(value_fn(p), True)[1], params)
+  def zeros(s):
+    if jax.dtypes.issubdtype(s.dtype, jax.dtypes.prng_key):
+      from fwdgrad import estimators  # pylint: disable=g-import-not-at-top
+      return estimators._never_value(s)  # pylint: disable=protected-access
+    return jnp.zeros(s.shape, s.dtype)
+
+  placeholder = jax.tree_util.tree_map(zeros, shapes)
+  return jax.tree_util.tree_map(
+      lambda node: node._replace(aux=placeholder) if isinstance(node, states) and isinstance(
+          node.aux, PendingAux) else node, state, is_leaf=lambda x: isinstance(x, states))

@@ -379,7 +379,8 @@ def qzo_ff(
       are ``Δ_w`` (a scalar or broadcastable per-channel array) or ``None`` (computed by the rule
       above), e.g. ``fwdgrad.models.weight_scales(variables)``; ``None``: all computed.
     has_aux: ``value_fn`` returns ``(loss, aux)``; the state keeps the aux of the step's first
-      forward call (at ``w_q + ε_q z_q,1``), read with :func:`fwdgrad.step_aux`.
+      forward call (at ``w_q + ε_q z_q,1``), read with :func:`fwdgrad.step_aux`; see
+      :func:`fwdgrad.init_with_aux` for a state with the aux's structure from the start.
 
   ``value_fn`` must return a float32 scalar and be a pure, deterministic function of the params
   (same batch, same dropout key in every call of a step). A NaN or inf loss raises a
@@ -394,6 +395,9 @@ def qzo_ff(
     >>> updates, state = tx.update(params, state, params, value_fn=loss_fn)
     >>> params = optax.apply_updates(params, updates)       # on the 16-bit grid
   """
+  objective.check_static("qzo_ff", dict(num_directions=num_directions, weight_bits=weight_bits,
+                                        perturbation_bits=perturbation_bits, z_max=z_max),
+                         ("num_directions", "weight_bits", "perturbation_bits", "z_max"))
   estimators._check_num_directions(num_directions)
   weight_bits = quant.check_bits(weight_bits)
   if weight_bits > 16:
@@ -438,7 +442,8 @@ def qzo_ff(
       previous = jax.tree_util.tree_map(lambda p: jnp.zeros((m,) + jnp.shape(p), dtype), params)
     return QZOState(key=base_key, count=jnp.zeros((), jnp.int32),
                     loss=jnp.zeros((), jnp.float32), weight_scale=scale, epsilon_q=epsilon_q,
-                    previous_directions=previous)
+                    previous_directions=previous,
+                    aux=objective.PendingAux() if has_aux else None)
 
   def loss_at(value_fn, point_q, operands, state, params, after):
     """``L`` at the dequantized ``point_q(params, operands)``, one call compiled apart.

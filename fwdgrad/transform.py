@@ -35,7 +35,8 @@ class ForwardGradientState(NamedTuple):
       forward call (see :func:`fwdgrad.spsa_grad` for what it is under SPSA); read it with
       :func:`fwdgrad.step_loss`.
     aux: with ``has_aux``, the objective's aux at the last update (:func:`fwdgrad.step_aux`);
-      ``None`` before the first update and without ``has_aux``.
+      a leafless ``PendingAux`` after ``init`` (see :func:`fwdgrad.init_with_aux`); ``None``
+      without ``has_aux``.
   """
   key: chex.PRNGKey
   count: chex.Array
@@ -50,6 +51,8 @@ def as_key(key: Union[int, jax.Array]) -> jax.Array:
   key = jnp.asarray(key) if not isinstance(key, jax.Array) else key
   if jnp.issubdtype(key.dtype, jax.dtypes.prng_key):
     return key
+  if key.shape == () and jnp.issubdtype(key.dtype, jnp.integer):
+    return jax.random.key(key)  # An int seed, traced (optax.inject_hyperparams makes it one).
   if key.shape == (2,) and key.dtype == jnp.uint32:
     return jax.random.wrap_key_data(key)
   raise ValueError(
@@ -97,7 +100,10 @@ def forward_gradient(
       see :func:`fwdgrad.estimators.get_sampler`) or a ``sampler(key, shape, dtype)``.
     sign: sign-m-SPSA (``estimator="spsa"`` only).
     has_aux: ``value_fn`` returns ``(loss, aux)``; the state keeps the aux of the step's first
-      call (the unperturbed one under jvp), read with :func:`fwdgrad.step_aux`.
+      call (the unperturbed one under jvp), read with :func:`fwdgrad.step_aux`. The state takes
+      the aux's structure at the first update; ``fwdgrad.init_with_aux(tx, params, value_fn)``
+      gives it from the start, which ``lax.scan``, a wrapper around the chain
+      (``apply_if_finite``, ``MultiSteps``) and a ``jit`` that should compile once need.
     micro_steps: ``k`` consecutive updates share one set of directions. Set it to ``k`` when
       ``optax.MultiSteps(optimizer, k)`` follows, so that the ``k`` micro-batches of a step are
       probed along the same directions and the accumulated estimate is the one of their union
@@ -144,13 +150,14 @@ def forward_gradient(
   def init_fn(params):
     del params
     return ForwardGradientState(key=key, count=jnp.zeros((), jnp.int32),
-                                loss=jnp.zeros((), jnp.float32))
+                                loss=jnp.zeros((), jnp.float32),
+                                aux=objective.PendingAux() if has_aux else None)
 
   def update_fn(updates, state, params=None, *, value_fn: Callable[..., Any] = None,
                 **extra_args):
     del updates, extra_args
     missing_extra_args_error("forward_gradient", params, value_fn)
-    step_key = jax.random.fold_in(state.key, state.count // micro_steps)
+    step_key = jax.random.fold_in(state.key, state.count // jnp.maximum(micro_steps, 1))
     out, grads = estimate(value_fn, params, step_key)
     loss, aux = out if has_aux else (out, None)
     objective.warn_if_nonfinite(loss, state.count, "forward_gradient")

@@ -39,6 +39,8 @@ def test_notebooks_exist():
 def test_stored_without_outputs(path):
   notebook = nbformat.read(path, as_version=4)
   nbformat.validate(notebook)
+  with open(path) as f:  # nbformat.read adds missing cell ids; the stored file must have them.
+    assert all("id" in cell for cell in json.load(f)["cells"]), "a cell has no id"
   for index, cell in enumerate(notebook.cells):
     if cell.cell_type == "code":
       assert not cell.outputs, f"cell {index} has outputs; run scripts/strip_notebooks.py"

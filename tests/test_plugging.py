@@ -182,12 +182,27 @@ def test_nnx_update_without_has_aux_says_how():
   model = NNXModel(nnx.Rngs(0, dropout=1))
   optimizer = nnx.Optimizer(model, optax.chain(fwdgrad.forward_gradient("spsa", key=0),
                                                optax.sgd(1e-2)), wrt=nnx.Param)
-  with pytest.raises(ValueError, match="has_aux=True.*or pass update_state=False"):
+  with pytest.raises(ValueError, match="build the transform with has_aux=True.*"
+                     "update_state=False"):
     fwdgrad.nnx_update(optimizer, model, _nnx_loss, x, y)
   mean = np.asarray(model.bn.mean[...])
   loss = fwdgrad.nnx_update(optimizer, model, _nnx_loss, x, y, update_state=False)
   assert np.isfinite(float(loss))
   np.testing.assert_array_equal(model.bn.mean[...], mean)  # Frozen, as asked.
+
+
+def test_nnx_update_returns_the_loss_fns_aux_and_freezes_on_request():
+  x, y, _, _ = _digits(64)
+  model = NNXModel(nnx.Rngs(0, dropout=1))
+  optimizer = nnx.Optimizer(model, optax.chain(
+      fwdgrad.forward_gradient("spsa", key=0, has_aux=True), optax.sgd(1e-2)), wrt=nnx.Param)
+  loss_and_logits = lambda model, x, y: (_nnx_loss(model, x, y), model(x))
+  loss, logits = fwdgrad.nnx_update(optimizer, model, loss_and_logits, x, y, has_aux=True)
+  assert logits.shape == (64, 10) and np.isfinite(float(loss))
+  mean = np.asarray(model.bn.mean[...])
+  fwdgrad.nnx_update(optimizer, model, _nnx_loss, x, y, update_state=False)
+  np.testing.assert_array_equal(model.bn.mean[...], mean)
+  assert int(optimizer.step[...]) == 2
 
 
 # Aux and the step's loss.
@@ -228,10 +243,40 @@ def test_has_aux_on_qzo_ff_and_the_enhanced_estimator():
     assert float(fwdgrad.step_loss(state)) > 0
 
 
+@pytest.mark.parametrize("wrap", [
+    lambda tx: optax.apply_if_finite(tx, 3),
+    lambda tx: optax.MultiSteps(tx, 2),
+])
+def test_init_with_aux_fixes_the_state_for_wrappers_and_one_compile(wrap):
+  params = {"w": jnp.zeros(3)}
+  value_fn = lambda p: (_quadratic(p), {"w": p["w"], "n": jnp.sum(p["w"] > 0)})
+  inner = optax.chain(fwdgrad.forward_gradient("spsa", key=0, has_aux=True), optax.sgd(0.1))
+  tx = wrap(inner)
+  traces = []
+
+  @jax.jit
+  def step(params, state):
+    traces.append(1)
+    updates, state = tx.update(params, state, params, value_fn=value_fn)
+    return optax.apply_updates(params, updates), state
+
+  state = fwdgrad.init_with_aux(tx, params, value_fn)
+  for _ in range(4):
+    params, state = step(params, state)
+  assert len(traces) == 1  # One compile: the state's structure never changes.
+  if isinstance(tx, optax.MultiSteps):
+    with pytest.raises(ValueError, match="MultiSteps wraps"):
+      fwdgrad.step_aux(state)
+  else:
+    assert fwdgrad.step_aux(state)["w"].shape == (3,)
+  with pytest.raises(ValueError, match="no forward-gradient transform built with has_aux=True"):
+    fwdgrad.init_with_aux(optax.sgd(0.1), params, value_fn)
+
+
 def test_step_loss_reads_through_chains_and_wrappers():
   params = {"w": jnp.zeros(4)}
   tx = optax.chain(optax.inject_hyperparams(fwdgrad.forward_gradient,
-                                            static_args=("num_directions", "key"))(
+                                            static_args=("num_directions",))(
                                                 key=0, num_directions=2, epsilon=1e-3),
                    optax.apply_if_finite(optax.adam(1e-2), 3))
   state = tx.init(params)
@@ -292,6 +337,14 @@ def test_bad_hyperparameters_name_the_fix():
   injected = optax.inject_hyperparams(fwdgrad.forward_gradient)(key=0, num_directions=2)
   with pytest.raises(ValueError, match=r"static_args=\('num_directions',\)"):
     injected.init({"w": jnp.ones(2)})
+  injected = optax.inject_hyperparams(fwdgrad.qzo_ff, static_args=("num_directions",))(1e-3,
+                                                                                       key=0)
+  with pytest.raises(ValueError, match=r"weight_bits sets .*static_args=\('num_directions', "
+                     r"'weight_bits', 'perturbation_bits', 'z_max'\)"):
+    injected.init({"w": jnp.ones(2)})
+  with pytest.raises(ValueError, match="epsilon must be positive"):
+    fwdgrad.enhanced_forward_gradient(key=0, epsilon=0.0,
+                                      momentum=fwdgrad.MomentumGuidedSampling())
   with pytest.raises(ValueError, match="has dtype int32.*Close over integer state"):
     fwdgrad.spsa_grad(lambda p: jnp.sum(p["n"]) * 1.0, {"n": jnp.ones(2, jnp.int32)},
                       jax.random.key(0))
@@ -301,6 +354,8 @@ def test_conv4_on_too_small_images_says_how_big():
   model = fwdgrad.models.get_model("conv4", num_classes=5)
   with pytest.raises(ValueError, match="at least 16x16 pixels.*features=\\(64, 64\\)"):
     model.init(jax.random.key(0), jnp.zeros((2, 8, 8, 1)))
+  with pytest.raises(ValueError, match=r"add the batch axis \(images\[None\]\)"):
+    model.init(jax.random.key(0), jnp.zeros((28, 28, 1)))
 
 
 # Composition with optax.
@@ -311,6 +366,9 @@ def _two_leaves():
 
 @pytest.mark.parametrize("wrap", [
     lambda fg: optax.masked(fg, {"head": True, "body": False}),
+    lambda fg: optax.masked(fwdgrad.enhanced_forward_gradient(
+        key=0, momentum=fwdgrad.MomentumGuidedSampling(), sharpness_radius=0.05),
+                            {"head": True, "body": False}),
     lambda fg: optax.multi_transform({"train": fg, "freeze": optax.set_to_zero()},
                                      {"head": "train", "body": "freeze"}),
 ])

@@ -45,7 +45,11 @@ class Conv4(nn.Module):
     # Every layer reads its input on the grid of the quantizer before it (ReLU and max-pool keep
     # the grid), so only the images get a quantizer of their own.
     smallest = 2 ** len(self.features)
-    if images.ndim != 4 or min(images.shape[1:3]) < smallest:
+    if images.ndim != 4:
+      raise ValueError(f"Conv4 takes images of shape (batch, height, width, channels), got shape "
+                       f"{tuple(images.shape)}; add the batch axis (images[None]) or the channel "
+                       "axis (images[..., None]).")
+    if min(images.shape[1:3]) < smallest:
       raise ValueError(
           f"Conv4 takes images of shape (batch, height, width, channels) and halves them in each "
           f"of its {len(self.features)} blocks, so it needs at least {smallest}x{smallest} pixels; "
