@@ -41,6 +41,8 @@ def get_config(arg=None):
   config.adapt.steps = 30
   config.methods = dict(
       zero_shot=experiment.method("zero_shot"),
+      # What fixed-point inference alone costs: the same ProtoNets classifier, backbone at 16w8a.
+      zero_shot_16w8a=experiment.method("zero_shot", precision="16w8a"),
       backprop=experiment.method("backprop", learning_rate=1e-3, optimizer="adam"),
       ff=experiment.method("ff", learning_rate=1e-2, num_directions=3, optimizer="sgd"),
       qzo_ff_16w8a=experiment.method("qzo_ff", precision="16w8a", learning_rate=1e-3, num_directions=3),

@@ -46,6 +46,8 @@ def get_config(arg=None):
   config.adapt.batch_size = 128
   config.methods = dict(
       zero_shot=experiment.method("zero_shot"),
+      # What fixed-point inference alone costs: the pre-trained classifier at 16w8a.
+      zero_shot_16w8a=experiment.method("zero_shot", precision="16w8a"),
       backprop=experiment.method("backprop", learning_rate=1e-3, optimizer="adam"),
       ff=experiment.method("ff", learning_rate=1e-3, num_directions=3, optimizer="adam"),
       qzo_ff_16w8a=experiment.method("qzo_ff", precision="16w8a", learning_rate=1e-3, num_directions=3),

@@ -34,8 +34,8 @@ METHOD_DEFAULTS = dict(
     optimizer="sgd",         # not used by qzo_ff, whose update rule is integer
     num_directions=3,
     epsilon=1e-3,
-    distribution="gaussian",  # jax.random.normal; the library default "irwin_hall" and
-                             # "fast_gaussian" are drawn inside their consumers (estimators.py)
+    distribution=estimators.DEFAULT_DISTRIBUTION,  # the library's ("irwin_hall"): an
+                             # experiment measures what a user of the transforms gets
     sign=True,               # spsa only: sign-m-SPSA
     steps=-1,                # -1: config.adapt.steps
     # The paper's enhancements (Sec. 3.4); the sparse update is config.adapt.sparsity.

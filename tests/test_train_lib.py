@@ -290,7 +290,7 @@ def test_spsa_enhancement_fields_build_the_enhanced_chain(fields):
   momentum = fwdgrad.MomentumGuidedSampling() if fields.get("momentum") else None
   estimate = fwdgrad.enhanced_forward_gradient(
       key=key, num_directions=2, epsilon=1e-3, sign=True,
-      distribution="rademacher" if "distribution" in fields else "gaussian",
+      distribution="rademacher" if "distribution" in fields else "irwin_hall",
       momentum=momentum, sharpness_radius=fields.get("sharpness_radius"))
   normalize = [fwdgrad.kernelwise_normalize()] if fields.get("kernelwise") else []
   expected, _ = _one_update(optax.chain(estimate, *normalize, optax.sgd(0.1)), params, value_fn)
@@ -319,7 +319,7 @@ def test_qzo_ff_enhancement_fields_reach_the_integer_step(fields):
   got, state = _one_update(adaptation.make_transform(method, key), params, value_fn)
   expected, _ = _one_update(fwdgrad.qzo_ff(
       1e-2, key=key, num_directions=3, epsilon=1e-3, weight_bits=16,
-      distribution=fields.get("distribution", "gaussian"),
+      distribution=fields.get("distribution", "irwin_hall"),
       momentum=fwdgrad.MomentumGuidedSampling() if fields.get("momentum") else None,
       sharpness_radius=fields.get("sharpness_radius"), kernelwise=fields.get("kernelwise", False)),
       params, value_fn)
