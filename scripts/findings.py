@@ -2,7 +2,8 @@
 
   FWDGRAD_DATA_DIR=/path/to/data FWDGRAD_OPENWAKEWORD_DIR=/path/to/wheel_dir \
       python scripts/findings.py --task digits --seeds 0 1 2 [--only NAME ...] [--num_tasks 5]
-  python scripts/findings.py --report            # the markdown tables from what has been run
+  python scripts/findings.py --report            # the tables and the summary counts from what
+                                                 # has been run (fsdd: --fsdd_tasks 20)
 
 Tasks:
   digits  the quickstart (configs/quickstart.py): scikit-learn digits, Conv4 pre-trained with
@@ -279,6 +280,97 @@ def markdown(task: str, workdir: str, num_tasks: int) -> str:
   return "\n".join(lines)
 
 
+_FORWARD_KINDS = ("ff", "spsa", "qzo_ff")
+_ENHANCEMENTS = ("momentum", "sharpness_radius", "kernelwise")
+
+
+def _diff(row, reference):
+  """(mean, t half-width) of the per-seed differences ``row - reference``, or None."""
+  if row is None or reference is None:
+    return None
+  common = sorted(set(row["per_seed"]) & set(reference["per_seed"]))
+  if not common:
+    return None
+  return _t_interval([row["per_seed"][k] - reference["per_seed"][k] for k in common])
+
+
+def _points(diff) -> str:
+  return "n/a" if diff is None else f"{100 * diff[0]:+.2f} ± {100 * diff[1]:.2f}"
+
+
+def summary(task: str, workdir: str, num_tasks: int) -> dict:
+  """The paper's findings, counted over one task's rows: {finding: text}. Nothing is typed in.
+
+  A forward-gradient row "beats zero-shot" when its paired difference's t interval lies above 0,
+  and is "within 5 points of BP" when the mean paired difference to BP is at least -5 points.
+  """
+  table = aggregate(task, workdir, num_tasks)
+  by_name = {row["name"]: row for row in table}
+  zero, bp = by_name.get("zero_shot"), by_name.get("backprop")
+  forward = [row for row in table if row["fields"].get("kind") in _FORWARD_KINDS]
+  out = {}
+  if not forward or zero is None or bp is None:
+    return out
+  versus_zero = {row["name"]: _diff(row, zero) for row in forward}
+  versus_bp = {row["name"]: _diff(row, bp) for row in forward}
+  beats = [n for n, d in versus_zero.items() if d and d[0] - d[1] > 0]
+  losers = sorted(set(versus_zero) - set(beats))
+  out["FF beats zero-shot"] = (f"{len(beats)} of {len(forward)} forward-gradient rows (interval "
+                               f"above 0)" + (f"; not: {', '.join(losers)}" if losers else ""))
+  close = [n for n, d in versus_bp.items() if d and d[0] >= -0.05]
+  far = sorted(set(versus_bp) - set(close))
+  out["FF within 5 points of BP"] = (f"{len(close)} of {len(forward)} (the paper: 26 of 30 "
+                                     "vision, 11 of 16 audio)"
+                                     + (f"; not: {', '.join(far)}" if far else ""))
+  q16, ff = by_name.get("qzo_16w8a_m3"), by_name.get("ff_jvp_m3")
+  if q16 and ff:
+    d = _diff(q16, ff)
+    out["16w8a within 1 point of float FF"] = (
+        f"{'yes' if abs(d[0]) <= 0.01 else 'no'}: QZO-FF 16w8a − float FF = {_points(d)} points")
+  eight = [row for row in forward if row["fields"].get("precision") == "8w8a"]
+  if eight:
+    parts = []
+    for row in eight:
+      d = versus_zero[row["name"]]
+      moved = row["loss_first"] is not None and row["loss_last"] < 0.95 * row["loss_first"]
+      trained = moved and d is not None and d[0] - d[1] > 0
+      drop = ("-" if row["loss_first"] is None
+              else f"{100 * (1 - row['loss_last'] / row['loss_first']):.0f}%")
+      parts.append(f"{row['name']}: {'trains' if trained else 'FAILS'} (loss drop {drop}, vs "
+                   f"zero-shot {_points(d)})")
+    out["8w8a fails to converge"] = "; ".join(parts)
+  pairs = [(by_name[n], by_name[n[:-1] + "1"]) for n in by_name
+           if n.endswith("_m3") and n[:-1] + "1" in by_name]
+  if pairs:
+    diffs = [(a["name"][:-3], _diff(a, b)) for a, b in pairs]
+    wins = [n for n, d in diffs if d and d[0] > 0]
+    out["m = 3 beats m = 1"] = (f"{len(wins)} of {len(pairs)} estimators: " + ", ".join(
+        f"{n} {_points(d)}" for n, d in diffs))
+  enhanced = [row for row in forward if any(row["fields"].get(k) for k in _ENHANCEMENTS)]
+  if enhanced and q16:
+    base = versus_bp.get("qzo_16w8a_m3")
+    best = max(enhanced, key=lambda row: versus_bp[row["name"]][0])
+    gain = _diff(best, q16)
+    out["which enhancement closes the gap most"] = (
+        f"{best['name']} ({_points(versus_bp[best['name']])} vs BP, against "
+        f"{_points(base)} for plain QZO-FF 16w8a: {_points(gain)} points)")
+  return out
+
+
+def summary_markdown(workdir: str, num_tasks_by_task: dict) -> str:
+  tasks = list(num_tasks_by_task)
+  counted = {task: summary(task, workdir, n) for task, n in num_tasks_by_task.items()}
+  findings = []
+  for task in tasks:
+    findings += [f for f in counted[task] if f not in findings]
+  lines = ["| paper's finding | " + " | ".join(tasks) + " |",
+           "|---" * (len(tasks) + 1) + "|"]
+  for finding in findings:
+    lines.append(f"| {finding} | " + " | ".join(counted[t].get(finding, "-") for t in tasks)
+                 + " |")
+  return "\n".join(lines)
+
+
 def main():
   parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   parser.add_argument("--task", choices=sorted(VARIANTS), default="digits")
@@ -288,10 +380,14 @@ def main():
   parser.add_argument("--steps", type=int, default=0, help="adaptation steps (0: the config's)")
   parser.add_argument("--workdir", default=DEFAULT_WORKDIR)
   parser.add_argument("--report", action="store_true", help="print the tables and exit")
+  parser.add_argument("--fsdd_tasks", type=int, default=20,
+                      help="tasks per seed of the fsdd runs, for --report")
   args = parser.parse_args()
   if args.report:
-    for task in VARIANTS:
-      print(f"### {task}\n\n{markdown(task, args.workdir, args.num_tasks)}\n")
+    tasks = {"digits": args.num_tasks, "fsdd": args.fsdd_tasks}
+    for task, num_tasks in tasks.items():
+      print(f"### {task}\n\n{markdown(task, args.workdir, num_tasks)}\n")
+    print(f"### Summary against the paper\n\n{summary_markdown(args.workdir, tasks)}\n")
     return
   run(args.task, args.seeds, args.only, args.num_tasks, args.workdir, args.steps)
 

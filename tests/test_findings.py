@@ -1,0 +1,52 @@
+"""scripts/findings.py counts the paper's findings from result files (nothing typed in)."""
+
+import importlib.util
+import json
+import os
+
+import pytest
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture(scope="module")
+def findings():
+  spec = importlib.util.spec_from_file_location(
+      "findings", os.path.join(REPO, "scripts", "findings.py"))
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module
+
+
+def _write(workdir, name, accuracies, losses=(1.0, 0.5)):
+  """Per seed: 2 tasks of ``name`` at the given mean accuracy (paired across variants)."""
+  for seed, accuracy in enumerate(accuracies):
+    folder = os.path.join(workdir, "digits", f"seed{seed}", "default", "tasks")
+    os.makedirs(folder, exist_ok=True)
+    with open(os.path.join(folder, f"{name}.jsonl"), "w") as f:
+      for task in range(2):
+        f.write(json.dumps({"task": task, "accuracy": accuracy, "losses": list(losses),
+                            "seconds": 0.1}) + "\n")
+
+
+def test_summary_counts_follow_the_result_files(findings, tmp_path):
+  workdir = str(tmp_path)
+  _write(workdir, "zero_shot", [0.60, 0.62, 0.58], losses=())
+  _write(workdir, "backprop", [0.95, 0.96, 0.94])
+  _write(workdir, "ff_jvp_m3", [0.94, 0.95, 0.93])        # beats zero-shot, within 5 of BP
+  _write(workdir, "ff_jvp_m1", [0.93, 0.94, 0.92])        # m = 3 beats m = 1
+  _write(workdir, "qzo_16w8a_m3", [0.945, 0.955, 0.935])  # within 1 point of float FF
+  _write(workdir, "qzo_16w8a_m1", [0.95, 0.96, 0.94])     # m = 1 beats m = 3 here
+  _write(workdir, "qzo_8w8a_m3", [0.60, 0.63, 0.57], losses=(1.0, 1.0))  # does not train
+  _write(workdir, "qzo_16w8a_sharpness", [0.948, 0.958, 0.938])
+  counted = findings.summary("digits", workdir, 2)
+  assert counted["FF beats zero-shot"].startswith("5 of 6 ")
+  assert "not: qzo_8w8a_m3" in counted["FF beats zero-shot"]
+  assert counted["FF within 5 points of BP"].startswith("5 of 6 ")
+  assert counted["16w8a within 1 point of float FF"].startswith("yes: ")
+  assert counted["8w8a fails to converge"].startswith("qzo_8w8a_m3: FAILS (loss drop 0%")
+  assert counted["m = 3 beats m = 1"].startswith("1 of 2 estimators")
+  assert counted["which enhancement closes the gap most"].startswith("qzo_16w8a_sharpness")
+  table = findings.summary_markdown(workdir, {"digits": 2})
+  assert table.splitlines()[0] == "| paper's finding | digits |"
+  assert len(table.splitlines()) == 2 + len(counted)
