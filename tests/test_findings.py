@@ -44,9 +44,18 @@ def test_summary_counts_follow_the_result_files(findings, tmp_path):
   assert "not: qzo_8w8a_m3" in counted["FF beats zero-shot"]
   assert counted["FF within 5 points of BP"].startswith("5 of 6 ")
   assert counted["16w8a within 1 point of float FF"].startswith("yes: ")
-  assert counted["8w8a fails to converge"].startswith("qzo_8w8a_m3: FAILS (loss drop 0%")
+  assert counted["8w8a fails to converge"].startswith("qzo_8w8a_m3: FAILS (training loss drop 0%")
   assert counted["m = 3 beats m = 1"].startswith("1 of 2 estimators")
   assert counted["which enhancement closes the gap most"].startswith("qzo_16w8a_sharpness")
+  _write(workdir, "spsa_sign_m3", [0.5, 0.5, 0.5])
+  folder = os.path.join(workdir, "digits", "seed1", "default", "tasks")
+  with open(os.path.join(folder, "spsa_sign_m3.jsonl"), "a") as f:
+    f.write(json.dumps({"task": 2, "accuracy": None, "losses": [1.0], "seconds": 0.1,
+                        "diverged": True, "step": 4}) + "\n")
+  counted = findings.summary("digits", workdir, 2)
+  assert counted["diverged (left out of the counts)"] == "spsa_sign_m3"
+  assert counted["FF beats zero-shot"].startswith("5 of 6 ")
+  assert "DIVERGED (seed 1: task 2, step 4)" in findings.markdown("digits", workdir, 2)
   table = findings.summary_markdown(workdir, {"digits": 2})
   assert table.splitlines()[0] == "| paper's finding | digits |"
   assert len(table.splitlines()) == 2 + len(counted)
