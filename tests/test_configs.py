@@ -17,7 +17,7 @@ DATA_DIR = os.environ.get("FWDGRAD_DATA_DIR", os.path.join(REPO, "..", "shared",
 # (config, variant) pairs run end to end; every variant named in a config docstring is covered.
 TINY_RUNS = [("quickstart", "tiny"), ("fewshot_vision", "tiny"), ("fewshot_audio", "tiny"),
              ("cross_domain", "tiny"), ("cross_domain", "tiny_dvpt"), ("ood", "tiny"),
-             ("ood", "tiny_sparse_lp3")]
+             ("ood", "tiny_sparse_lp3"), ("ood_fashion", "tiny")]
 
 
 def _with_local_data(config):
