@@ -59,3 +59,21 @@ def test_summary_counts_follow_the_result_files(findings, tmp_path):
   table = findings.summary_markdown(workdir, {"digits": 2})
   assert table.splitlines()[0] == "| paper's finding | digits |"
   assert len(table.splitlines()) == 2 + len(counted)
+
+
+def test_seeds_script_aggregates_train_py_runs_over_seeds(tmp_path):
+  spec = importlib.util.spec_from_file_location("seeds", os.path.join(REPO, "scripts", "seeds.py"))
+  seeds = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(seeds)
+  workdirs = []
+  for seed, (zero, bp) in enumerate([(0.15, 0.80), (0.20, 0.78), (0.10, 0.79)]):
+    folder = tmp_path / f"s{seed}" / "tasks"
+    folder.mkdir(parents=True)
+    for name, accuracy in (("zero_shot", zero), ("backprop", bp)):
+      with open(folder / f"{name}.jsonl", "w") as f:
+        for task in range(3):
+          f.write(json.dumps({"task": task, "accuracy": accuracy, "losses": []}) + "\n")
+    workdirs.append(str(tmp_path / f"s{seed}"))
+  table = seeds.markdown(workdirs)
+  assert "| backprop | 79.00 ± 2.48 (n=3) | 80.0 / 78.0 / 79.0 | +64.00 ±" in table
+  assert "Headroom: backprop − zero-shot = +64.00" in table and "(meets the rule" in table

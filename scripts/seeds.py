@@ -1,0 +1,64 @@
+"""Aggregates train.py runs of one config over seeds: a table with t-based intervals over seeds.
+
+  python scripts/seeds.py workdirs/ood_fashion_s0 workdirs/ood_fashion_s1 workdirs/ood_fashion_s2
+
+Each workdir is one ``train.py`` run (``--config.seed=k``). The unit of replication is the seed:
+per method, the mean over seeds of the per-seed mean accuracy (from ``tasks/<method>.jsonl``) with
+its Student-t 95% interval, and the paired per-seed differences to zero-shot and to backprop with
+theirs; then the headroom rule (``fwdgrad.reporting.headroom``).
+"""
+
+import json
+import os
+import sys
+
+import numpy as np
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from fwdgrad import reporting  # pylint: disable=g-import-not-at-top,wrong-import-position
+from fwdgrad.data import mean_confidence_interval  # pylint: disable=g-import-not-at-top,wrong-import-position
+
+
+def per_seed(workdirs):
+  """{method: [per-seed mean accuracy]} over the methods every workdir finished."""
+  table = {}
+  for workdir in workdirs:
+    folder = os.path.join(workdir, "tasks")
+    for name in sorted(os.listdir(folder)):
+      with open(os.path.join(folder, name)) as f:
+        rows = [json.loads(line) for line in f if line.strip()]
+      accuracies = [r["accuracy"] for r in rows if r.get("accuracy") is not None]
+      if accuracies and not any(r.get("diverged") for r in rows):
+        table.setdefault(name[:-len(".jsonl")], []).append(float(np.mean(accuracies)))
+  return {k: v for k, v in table.items() if len(v) == len(workdirs)}
+
+
+def markdown(workdirs) -> str:
+  table = per_seed(workdirs)
+  zero, bp = table.get("zero_shot"), table.get("backprop")
+
+  def paired(values, reference):
+    if reference is None or values is reference:
+      return "-"
+    mean, half = mean_confidence_interval(np.subtract(values, reference))
+    return f"{100 * mean:+.2f} ± {100 * half:.2f}"
+
+  lines = ["| method | acc. % ± t-95% CI over seeds | per seed | Δ vs zero-shot | Δ vs BP |",
+           "|---|---|---|---|---|"]
+  for name, values in table.items():
+    mean, half = mean_confidence_interval(values)
+    lines.append(f"| {name} | {100 * mean:.2f} ± {100 * half:.2f} (n={len(values)}) | "
+                 f"{' / '.join(f'{100 * v:.1f}' for v in values)} | {paired(values, zero)} | "
+                 f"{paired(values, bp)} |")
+  if zero and bp and len(bp) > 1:
+    room = reporting.headroom(bp, zero)
+    lines.append(f"\nHeadroom: backprop − zero-shot = {100 * room['gap']:+.2f} ± "
+                 f"{100 * room['ci95']:.2f} points ({'meets' if room['meets'] else 'FAILS'} the "
+                 "rule: at least 3 points, interval above 0).")
+  return "\n".join(lines)
+
+
+if __name__ == "__main__":
+  if len(sys.argv) < 2:
+    raise SystemExit(__doc__)
+  print(markdown(sys.argv[1:]))
