@@ -120,14 +120,6 @@ def make_transform(method, key: jax.Array,
   raise ValueError(f"unknown method kind {kind!r}; expected one of {METHOD_KINDS}.")
 
 
-def _reported_loss(opt_state) -> Optional[jax.Array]:
-  """The loss a forward-gradient transform stored in its state (no extra forward call)."""
-  for leaf in jax.tree_util.tree_leaves(opt_state, is_leaf=lambda x: hasattr(x, "loss")):
-    if hasattr(leaf, "loss"):
-      return leaf.loss
-  return None
-
-
 def _trainable_scales(scales, frozen):
   """The weight grids of the trained part of a :func:`fwdgrad.adapt.partition` (None if frozen).
 
@@ -355,7 +347,7 @@ class Adapter:
           updates, opt_state = tx.update(grads, opt_state, params, value_fn=value_fn)
         else:
           updates, opt_state = tx.update(params, opt_state, params, value_fn=value_fn)
-          loss = _reported_loss(opt_state)
+          loss = fwdgrad.step_loss(opt_state)
         return (optax.apply_updates(params, updates), opt_state), loss.astype(jnp.float32)
 
       (trainable, _), losses = jax.lax.scan(step, (trainable, tx.init(trainable)),

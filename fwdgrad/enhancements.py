@@ -170,18 +170,10 @@ def safe_ratio(numerator, denominator):
   return jnp.where(denominator > 0, numerator / safe, 0.0)
 
 
-def _loss_only(value_fn):
-  """``value_fn``'s loss, whether it returns a loss or ``(loss, aux)`` (the ascent needs no aux)."""
-  def loss(params):
-    out = value_fn(params)
-    pair = isinstance(out, (tuple, list)) and len(out) == 2
-    return objective.check_loss(out[0] if pair else out)
-  return loss
-
-
 def sharpness_aware_point(value_fn: Callable[[PyTree], jax.Array], params: PyTree,
                           key: jax.Array, radius: float,
-                          distribution: Union[str, estimators.Sampler] = estimators.DEFAULT_DISTRIBUTION):
+                          distribution: Union[str, estimators.Sampler] = estimators.DEFAULT_DISTRIBUTION,
+                          has_aux: bool = False):
   """One directional ascent step: ``w̃ = w + ρ s u/‖u‖`` towards the higher of two losses.
 
   Args:
@@ -191,6 +183,7 @@ def sharpness_aware_point(value_fn: Callable[[PyTree], jax.Array], params: PyTre
     key: key of the direction ``u`` (drawn like :func:`fwdgrad.sample_direction`).
     radius: ``ρ``.
     distribution: distribution of ``u``.
+    has_aux: ``value_fn`` returns ``(loss, aux)``; the ascent reads the loss only.
 
   Returns:
     ``(w̃, s)`` with ``s = +1`` or ``-1`` the side that was chosen.
@@ -198,7 +191,8 @@ def sharpness_aware_point(value_fn: Callable[[PyTree], jax.Array], params: PyTre
   Examples:
     >>> w_tilde, side = sharpness_aware_point(loss_fn, params, jax.random.key(0), 0.05)
   """
-  value_fn = _loss_only(value_fn)
+  checked = objective.checked(value_fn, has_aux)
+  value_fn = lambda params: checked(params)[0]
   u = estimators.sample_direction(key, params, distribution)
   step = radius / jnp.maximum(_global_norm(u), jnp.finfo(jnp.float32).tiny)
   plus = jax.tree_util.tree_map(lambda p, d: (p + step * d).astype(p.dtype), params, u)
@@ -340,7 +334,7 @@ def enhanced_forward_gradient(
     center = params
     if sharpness_radius is not None:
       center, _ = sharpness_aware_point(value_fn, params, estimators.direction_key(step_key, m),
-                                        sharpness_radius, distribution)
+                                        sharpness_radius, distribution, has_aux=has_aux)
     previous = state.previous_directions
     if momentum is None:
       out, grads = estimators.spsa_grad(value_fn, center, step_key, num_directions=m,

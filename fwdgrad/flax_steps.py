@@ -101,19 +101,11 @@ def nnx_value_fn(model, loss_fn: Callable[..., Any], *args, wrt: Any = None,
   return value_fn, params
 
 
-def _estimator_nodes(opt_state: PyTree) -> list:
-  states = objective._estimator_states()  # pylint: disable=protected-access
-  return [node for node in jax.tree_util.tree_leaves(
-      opt_state, is_leaf=lambda node: isinstance(node, states)) if isinstance(node, states)]
-
-
 def _without_aux(opt_state: PyTree) -> PyTree:
   """``opt_state`` with every estimator state's aux back to what ``init`` gave (its structure)."""
-  states = objective._estimator_states()  # pylint: disable=protected-access
-  return jax.tree_util.tree_map(
-      lambda node: node._replace(aux=None if node.aux is None else objective.PendingAux())
-      if isinstance(node, states) else node, opt_state,
-      is_leaf=lambda node: isinstance(node, states))
+  return objective.map_estimator_nodes(
+      lambda node: node._replace(aux=None if node.aux is None else objective.PendingAux()),
+      opt_state)
 
 
 def nnx_update(optimizer, model, loss_fn: Callable[..., Any], *args,
@@ -159,7 +151,7 @@ def nnx_update(optimizer, model, loss_fn: Callable[..., Any], *args,
   """
   from flax import nnx  # pylint: disable=g-import-not-at-top
   opt_state = nnx.as_pure(optimizer.opt_state)
-  nodes = _estimator_nodes(opt_state)
+  nodes = objective.estimator_nodes(opt_state)
   if not nodes:
     raise ValueError("fwdgrad.nnx_update: optimizer.tx holds no forward-gradient transform "
                      "(fwdgrad.forward_gradient, qzo_ff or enhanced_forward_gradient); for "

@@ -144,6 +144,20 @@ def _estimator_states() -> tuple:
           enhancements.EnhancedForwardGradientState)
 
 
+def estimator_nodes(opt_state: PyTree) -> list:
+  """The forward-gradient states in ``opt_state``, in tree order."""
+  states = _estimator_states()
+  return [node for node in jax.tree_util.tree_leaves(
+      opt_state, is_leaf=lambda node: isinstance(node, states)) if isinstance(node, states)]
+
+
+def map_estimator_nodes(fn: Callable[[Any], Any], opt_state: PyTree) -> PyTree:
+  """``opt_state`` with every forward-gradient state ``node`` replaced by ``fn(node)``."""
+  states = _estimator_states()
+  return jax.tree_util.tree_map(lambda node: fn(node) if isinstance(node, states) else node,
+                                opt_state, is_leaf=lambda node: isinstance(node, states))
+
+
 def _find_state(opt_state: PyTree, what: str):
   states = _estimator_states()
   wrapper = getattr(optax, "MultiStepsState", None)
@@ -155,8 +169,7 @@ def _find_state(opt_state: PyTree, what: str):
     if isinstance(node, states):
       return node
     if wrapper is not None and isinstance(node, wrapper):
-      if any(isinstance(inner, states) for inner in jax.tree_util.tree_leaves(
-          node.inner_opt_state, is_leaf=lambda x: isinstance(x, states))):
+      if estimator_nodes(node.inner_opt_state):
         raise ValueError(
             "optax.MultiSteps wraps the forward-gradient transform, which then estimates on the "
             "last micro-batch of each step only. Put MultiSteps after it: optax.chain("
@@ -209,10 +222,7 @@ def init_with_aux(tx, params: PyTree, value_fn: Callable[[PyTree], Any]) -> PyTr
     >>> opt_state = fwdgrad.init_with_aux(tx, params, value_fn)
   """
   state = tx.init(params)
-  states = _estimator_states()
-  found = [node for node in jax.tree_util.tree_leaves(state, is_leaf=lambda x: isinstance(
-      x, states)) if isinstance(node, states) and isinstance(node.aux, PendingAux)]
-  if not found:
+  if not any(isinstance(node.aux, PendingAux) for node in estimator_nodes(state)):
     raise ValueError("init_with_aux: tx has no forward-gradient transform built with "
                      "has_aux=True; use tx.init(params).")
   shapes = jax.eval_shape(lambda p: split_output(value_fn(p), True)[1], params)
@@ -223,6 +233,6 @@ def init_with_aux(tx, params: PyTree, value_fn: Callable[[PyTree], Any]) -> PyTr
     return jnp.zeros(s.shape, s.dtype)
 
   placeholder = jax.tree_util.tree_map(zeros, shapes)
-  return jax.tree_util.tree_map(
-      lambda node: node._replace(aux=placeholder) if isinstance(node, states) and isinstance(
-          node.aux, PendingAux) else node, state, is_leaf=lambda x: isinstance(x, states))
+  return map_estimator_nodes(
+      lambda node: node._replace(aux=placeholder) if isinstance(node.aux, PendingAux) else node,
+      state)

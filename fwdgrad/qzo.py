@@ -571,8 +571,7 @@ def qzo_ff(
 
     aux = None
     if has_aux:
-      aux = estimators.aux_placeholder(
-          lambda p: objective.checked(value_fn, True)(p), params)
+      aux = estimators.aux_placeholder(objective.checked(value_fn, True), params)
     loss_sum, signs, aux = estimators.direction_loop(
         m, probe, (jnp.zeros((), jnp.float32), jnp.zeros((m,), jnp.int32), aux))
 

@@ -302,7 +302,7 @@ def test_spsa_enhancement_fields_build_the_enhanced_chain(fields):
                                    params)
     chex.assert_trees_all_close(norms, jax.tree_util.tree_map(lambda _: 0.1, norms), rtol=1e-5)
   # The sharpness-aware estimate is taken at the ascended point, where the loss is higher.
-  loss, plain_loss = adaptation._reported_loss(state), adaptation._reported_loss(plain_state)
+  loss, plain_loss = fwdgrad.step_loss(state), fwdgrad.step_loss(plain_state)
   if fields.get("sharpness_radius"):
     assert loss > plain_loss
   elif not fields.get("momentum"):
