@@ -18,9 +18,10 @@ backbone, ``"dvpt"`` the ViT's prompt tokens, ``"lp"`` nothing of the backbone; 
 sparse. The head is ``"protonet"`` / ``"simpleshot"`` (no parameters: the loss is the episode loss
 on the support set, prototypes from the support set) or ``"linear"`` / ``"mlp3"`` (LP-1 / LP-3
 heads trained with cross-entropy; a linear head starts as the ProtoNets classifier of the support
-set, so adaptation starts from the zero-shot predictions), or ``"pretrained"``: LP-1 from the
+set, so adaptation starts from the zero-shot predictions), ``"pretrained"``: LP-1 from the
 pre-trained classifier (transfer tasks on the pre-training's classes, as the paper's OOD runs;
-zero-shot is that classifier).
+zero-shot is that classifier), or ``"random"``: LP-1 from a new, randomly initialised decoder (the
+paper's cross-domain runs; zero-shot is that random decoder, each task drawing its own).
 """
 
 from __future__ import annotations
@@ -40,7 +41,7 @@ from fwdgrad import models
 
 METHOD_KINDS = ("zero_shot", "backprop", "ff", "spsa", "qzo_ff")
 MODES = ("ft", "lp", "dvpt")
-HEADS = ("protonet", "simpleshot", "linear", "mlp3", "pretrained")
+HEADS = ("protonet", "simpleshot", "linear", "mlp3", "pretrained", "random")
 OPTIMIZERS = ("sgd", "momentum", "adam")
 _SIMPLESHOT_TEMPERATURE = 10.0
 
@@ -209,7 +210,7 @@ class Adapter:
           sparse_method=adapt_config.sparse_method, key=jax.random.key(seed),
           train_head=False)
       self.trainable_backbone, self.frozen = adapt.partition(params, selection)
-    self.parametric_head = head in ("linear", "mlp3", "pretrained")
+    self.parametric_head = head in ("linear", "mlp3", "pretrained", "random")
     self.pretrained_head = None
     if head == "pretrained":
       self.pretrained_head = _pretrained_head(variables, num_classes)

@@ -12,8 +12,9 @@ method leaves out takes its value from :data:`METHOD_DEFAULTS` (and ``steps`` fr
 
 from __future__ import annotations
 
+import itertools
 import os
-from typing import Iterator
+from typing import Iterator, Mapping
 
 import ml_collections
 import numpy as np
@@ -65,6 +66,54 @@ def method(kind: str, **overrides) -> ml_collections.ConfigDict:
   if unknown:
     raise ConfigError(f"{unknown} are not method fields; the fields are {sorted(METHOD_DEFAULTS)}.")
   return ml_collections.ConfigDict(dict(METHOD_DEFAULTS, kind=kind, **overrides))
+
+
+def paper_methods(learning_rate: float = 3e-3, *, backprop_learning_rate: float = 3e-3,
+                  backprop_steps: int = 100, kernelwise_learning_rate: float = 3e-2,
+                  sharpness_radius: float = 0.05, **overrides) -> dict:
+  """The paper's comparison, one method config per row (the names experiment configs share).
+
+  Zero-shot in float and at 16w8a (what fixed-point inference alone costs); backprop (Adam); float
+  FF (jvp); float sign-m-SPSA; QZO-FF at 16w8a and 8w8a with m = 3, and 16w8a at m = 1; and the
+  enhancements of Sec. 3.4 on QZO-FF 16w8a: momentum-guided sampling, sharpness-aware, kernel-wise,
+  sharpness-aware + kernel-wise. Forward-gradient rows take ``config.adapt.steps``.
+
+  Args:
+    learning_rate: of every forward-gradient row but the kernel-wise ones.
+    backprop_learning_rate, backprop_steps: backprop's.
+    kernelwise_learning_rate: of the kernel-wise rows, whose step is η‖w^i‖ per kernel.
+    sharpness_radius: ρ of the sharpness-aware rows.
+    **overrides: ``name=dict(field=value, ...)`` replaces fields of one row (tuned values), or
+      ``name=None`` drops the row.
+  """
+  fg = dict(learning_rate=learning_rate, num_directions=3)
+  kw = dict(fg, learning_rate=kernelwise_learning_rate, kernelwise=True)
+  rows = dict(
+      zero_shot=method("zero_shot"),
+      zero_shot_16w8a=method("zero_shot", precision="16w8a"),
+      backprop=method("backprop", learning_rate=backprop_learning_rate, optimizer="adam",
+                      steps=backprop_steps),
+      ff=method("ff", optimizer="sgd", **fg),
+      spsa=method("spsa", optimizer="sgd", **fg),
+      qzo_ff_16w8a=method("qzo_ff", precision="16w8a", **fg),
+      qzo_ff_16w8a_m1=method("qzo_ff", precision="16w8a", **dict(fg, num_directions=1)),
+      qzo_ff_8w8a=method("qzo_ff", precision="8w8a", **fg),
+      qzo_ff_16w8a_momentum=method("qzo_ff", precision="16w8a", momentum=True, **fg),
+      qzo_ff_16w8a_sharpness=method("qzo_ff", precision="16w8a",
+                                    sharpness_radius=sharpness_radius, **fg),
+      qzo_ff_16w8a_kernelwise=method("qzo_ff", precision="16w8a", **kw),
+      qzo_ff_16w8a_sharpness_kernelwise=method("qzo_ff", precision="16w8a",
+                                               sharpness_radius=sharpness_radius, **kw),
+  )
+  for name, fields in overrides.items():
+    if name not in rows:
+      raise ConfigError(f"paper_methods: there is no row {name!r}; the rows are {sorted(rows)}.")
+    if fields is None:
+      del rows[name]
+    else:
+      rows[name] = method(rows[name].kind, **dict(
+          {k: v for k, v in rows[name].items() if k != "kind"}, **fields))
+  return rows
 
 
 def config_variant(arg, variants, config_file: str, *, combinable: bool = False) -> tuple:
@@ -128,6 +177,12 @@ def default_config() -> ml_collections.ConfigDict:
   # transfer: pre-train on this fraction of config.data's examples, kept clean (the shift, e.g.
   # config.data.corruption, applies to the rest only); 0: pre-train on config.pretrain.data.
   config.task.pretrain_fraction = 0.0
+  # transfer: set this fraction of the tasks' data aside, the same examples for every seed (a
+  # fixed split seed), for tuning only: reported runs never adapt on it or score it. With
+  # config.task.tune, the tasks adapt on two thirds of it and score the other third, and every
+  # point of config.tune_grid runs.
+  config.task.tuning_fraction = 0.0
+  config.task.tune = False
 
   config.model = ml_collections.ConfigDict()
   config.model.name = "conv4"
@@ -151,7 +206,8 @@ def default_config() -> ml_collections.ConfigDict:
   config.adapt = ml_collections.ConfigDict()
   config.adapt.mode = "ft"            # "ft", "lp", "dvpt"
   config.adapt.head = "protonet"      # "protonet", "simpleshot", "linear" (LP-1), "mlp3" (LP-3),
-                                      # "pretrained" (LP-1 from the pre-trained classifier)
+                                      # "pretrained" (LP-1 from the pre-trained classifier),
+                                      # "random" (LP-1 from a random decoder)
   config.adapt.steps = 20
   config.adapt.sparsity = 0.0         # 0.9: the paper's 90%-sparse update
   config.adapt.sparse_method = "topk"
@@ -166,7 +222,53 @@ def default_config() -> ml_collections.ConfigDict:
 
   config.methods = ml_collections.ConfigDict()
   config.methods.zero_shot = method("zero_shot")
+  # {method name: {field: (values, ...)}}: the grid that a config.task.tune run tries for each
+  # method (every combination), recorded with the config whose methods it chose.
+  config.tune_grid = ml_collections.ConfigDict()
   return config
+
+
+def _grid_value(value) -> str:
+  # Config field names cannot hold dots: 0.003 -> "3e-3", 0.0015 -> "1p5e-3", 2.5 -> "2p5".
+  if isinstance(value, float):
+    text = f"{value:g}"
+    if "." in text and "e" not in text and abs(value) < 1:
+      mantissa, exponent = f"{value:e}".split("e")
+      text = f"{mantissa.rstrip('0').rstrip('.')}e{int(exponent)}"
+    return text.replace(".", "p")
+  return str(value).replace(".", "p")
+
+
+def grid_name(name: str, point: Mapping) -> str:
+  """The method name of one point of a tuning grid: ``ff@learning_rate=3e-3,steps=2000``."""
+  return name + "@" + ",".join(f"{field}={_grid_value(value)}" for field, value in point.items())
+
+
+def tune_points(config) -> dict:
+  """``{method name: [(variant name, {field: value}), ...]}``: the points of ``config.tune_grid``."""
+  points = {}
+  for name, grid in config.tune_grid.items():
+    fields = sorted(grid.keys())
+    points[name] = [(grid_name(name, dict(zip(fields, values))), dict(zip(fields, values)))
+                    for values in itertools.product(*(tuple(grid[f]) for f in fields))]
+  return points
+
+
+def _check_tune_grid(full, methods: Mapping) -> None:
+  for name, grid in full.tune_grid.items():
+    if name not in methods and full.task.tune:  # (A grid for a method left out is harmless.)
+      raise ConfigError(f"config.tune_grid.{name}: there is no method {name!r} to tune; the "
+                        f"methods are {sorted(methods)}.")
+    if not hasattr(grid, "items") or not grid:
+      raise ConfigError(f"config.tune_grid.{name} must map method fields to tuples of values, "
+                        f"e.g. {{'learning_rate': (1e-3, 3e-3)}}; got {grid!r}.")
+    for field, values in grid.items():
+      if field not in METHOD_DEFAULTS:
+        raise ConfigError(f"config.tune_grid.{name}.{field} is not a method field; the fields "
+                          f"are {sorted(METHOD_DEFAULTS)}.")
+      if isinstance(values, (str, bytes)) or not isinstance(values, (tuple, list)) or not values:
+        raise ConfigError(f"config.tune_grid.{name}.{field} must be a non-empty tuple of values, "
+                          f"got {values!r}.")
 
 
 def _allowed(what: str, value, allowed) -> None:
@@ -195,8 +297,10 @@ def validate_config(config) -> ml_collections.ConfigDict:
   """The config with defaults filled in, or a ValueError naming the first bad field."""
   full = default_config()
   methods = dict(config.get("methods", {}) or {})
-  given = {k: v for k, v in config.items() if k != "methods"}
+  grid = dict(config.get("tune_grid", {}) or {})
+  given = {k: v for k, v in config.items() if k not in ("methods", "tune_grid")}
   _merge(full, given, "config")
+  full.tune_grid = ml_collections.ConfigDict(grid)
   if not methods:
     raise ConfigError("config.methods is empty; add at least one method, e.g. "
                      "config.methods.zero_shot = dict(kind='zero_shot').")
@@ -264,6 +368,20 @@ def validate_config(config) -> ml_collections.ConfigDict:
     raise ConfigError(f"config.pretrain.init_checkpoint = {init!r} does not exist; give the "
                      "'backbone' directory of an earlier run, or for model 'speech_embedding' the "
                      "pyopen-wakeword wheel or its embedding_model.tflite.")
+  _check_tune_grid(full, full.methods)
+  if task.tuning_fraction or task.tune:
+    if task.kind != "transfer":
+      raise ConfigError("config.task.tuning_fraction sets part of a transfer task's data aside "
+                        "for tuning; few-shot tasks tune on validation classes "
+                        "(config.task.split_sizes).")
+    _number("config.task.tuning_fraction", task.tuning_fraction, 0.0, 1.0, open_low=True,
+            open_high=True, hint="config.task.tune runs on that part of the data.")
+  if task.tune:
+    for name, points in tune_points(full).items():
+      base = full.methods[name]
+      del full.methods[name]
+      for variant, point in points:
+        full.methods[variant] = ml_collections.ConfigDict(dict(base.to_dict(), **point))
   for name, method in full.methods.items():
     _check_method(f"config.methods.{name}", method, adapt)
     if method.steps < 0:

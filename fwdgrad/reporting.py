@@ -244,3 +244,65 @@ def results_table(results: Mapping[str, Mapping[str, float]], reference: Optiona
     cells += [str(row["tasks"]), f"{row.get('seconds_per_task', float('nan')):.2f}"]
     lines.append("| " + " | ".join(cells) + " |")
   return "\n".join(lines)
+
+
+def tuning_choice(results: Mapping[str, Mapping], points: Mapping[str, Sequence]) -> dict:
+  """The best point of each method's tuning grid: ``{method: {"variant", "point", "accuracy"}}``.
+
+  Args:
+    results: a tuning run's results (validation accuracies), keyed by variant name.
+    points: ``{method: [(variant name, {field: value}), ...]}``
+      (:func:`fwdgrad.experiment.tune_points`). A diverged variant never wins; ties go to the
+      earlier point of the grid.
+  """
+  chosen = {}
+  for name, variants in points.items():
+    best = None
+    for variant, point in variants:
+      row = results.get(variant)
+      if row is None or row.get("diverged"):
+        continue
+      if best is None or row["accuracy"] > best["accuracy"]:
+        best = {"variant": variant, "point": dict(point), "accuracy": row["accuracy"]}
+    if best is not None:
+      chosen[name] = best
+  return chosen
+
+
+def tuning_table(results: Mapping[str, Mapping], points: Mapping[str, Sequence]) -> str:
+  """A markdown table of every grid point's validation accuracy, the chosen one in bold."""
+  chosen = tuning_choice(results, points)
+  lines = ["| method | grid point | validation accuracy (%) | chosen |", "|---|---|---|---|"]
+  for name, variants in points.items():
+    for variant, point in variants:
+      row = results.get(variant, {})
+      where = ", ".join(f"{field}={value:g}" if isinstance(value, float) else f"{field}={value}"
+                        for field, value in point.items())
+      if row.get("diverged"):
+        value = f"DIVERGED (step {row['step']} of task {row['task']})"
+      elif "accuracy" in row:
+        value = f"{100 * row['accuracy']:.2f} ± {100 * row['ci95']:.2f}"
+      else:
+        value = "-"
+      mark = "**yes**" if chosen.get(name, {}).get("variant") == variant else ""
+      lines.append(f"| {name} | {where} | {value} | {mark} |")
+  return "\n".join(lines)
+
+
+def forward_calls(method: Mapping, steps: int) -> str:
+  """What one task's adaptation by ``method`` (a method config's fields) costs in model calls.
+
+  jvp calls for FF (a forward pass carrying a tangent, m per step); two forwards per direction
+  for sign-m-SPSA / QZO-FF, two more per step for the sharpness-aware ascent; a forward and a
+  backward pass per step for backprop.
+  """
+  kind = method.get("kind")
+  m = method.get("num_directions", 3)
+  if kind == "zero_shot":
+    return "0"
+  if kind == "backprop":
+    return f"{steps} fwd + {steps} bwd"
+  if kind == "ff":
+    return f"{steps * m} jvp"
+  per_step = 2 * m + (2 if method.get("sharpness_radius") else 0)
+  return f"{steps * per_step} fwd"

@@ -150,6 +150,12 @@ def workdir_lock(workdir: str):
 # Data.
 
 
+# config.task.tuning_fraction: the split of the tuning part is fixed (not config.seed), and a
+# tuning run scores a third of it.
+TUNING_SPLIT_SEED = 20_241_204
+TUNE_TEST_FRACTION = 1.0 / 3.0
+
+
 class Splits:
   """The datasets of a run: ``pretrain`` (+ ``pretrain_val``) and ``adapt`` (what tasks use)."""
 
@@ -162,13 +168,19 @@ def make_splits(config) -> Splits:
   """Loads and splits the data of ``config`` (see the module docstring)."""
   task = config.task
   data = experiment.load_data(config.data, apply_corruption=not task.pretrain_fraction)
-  source = None
+  source = tuning = None
+  if task.tuning_fraction:  # (validate_config allows it for transfer tasks only.)
+    # The same examples for every seed, taken first, so that no reported run of any seed
+    # pre-trains on, adapts on or scores them.
+    data, tuning = dataset_lib.split_examples(data, task.tuning_fraction, seed=TUNING_SPLIT_SEED)
   if task.pretrain_fraction:  # (validate_config allows it for transfer tasks only.)
     # Pre-train on a clean part; the shift (and the noise of a corruption, per seed) touches only
     # the examples the tasks adapt on and score, which pre-training never saw.
     source, data = dataset_lib.split_examples(data, 1.0 - task.pretrain_fraction,
                                               seed=config.seed)
     data = experiment.corrupt(data, config.data, seed=config.seed)
+    if tuning is not None:
+      tuning = experiment.corrupt(tuning, config.data, seed=config.seed)
   if task.kind == "fewshot":
     sizes = tuple(size for size in task.split_sizes if size)  # An empty validation part is fine.
     if task.split_by == "class_and_group":
@@ -182,7 +194,10 @@ def make_splits(config) -> Splits:
     source = base
     adapt_set, adapt_test = novel, None
   else:
-    adapt_set, adapt_test = dataset_lib.split_examples(data, task.test_fraction, seed=config.seed)
+    if task.tune:
+      data = tuning
+    adapt_set, adapt_test = dataset_lib.split_examples(
+        data, TUNE_TEST_FRACTION if task.tune else task.test_fraction, seed=config.seed)
   if config.pretrain.data.source:
     source = experiment.load_data(config.pretrain.data)
   if source is None:
@@ -577,6 +592,13 @@ def _train_and_evaluate(config, workdir: str) -> dict:
               f"{health['steps']} steps (expected at least "
               f"{100 * health['min_val_accuracy']:.2f}%)"
               + ("" if health["healthy"] else " -- FELL SHORT, see the warning above"))
+  if config.task.tune:
+    points = experiment.tune_points(config)
+    chosen = reporting.tuning_choice(results, points)
+    table += ("\n\ntuning run (config.task.tune): validation accuracy on the tuning part of the "
+              "data, which reported runs never see; set each method's fields to its chosen point"
+              "\n\n" + reporting.tuning_table(results, points))
+    reporting.write_atomic(os.path.join(workdir, "tuning.json"), json.dumps(chosen, indent=2))
   reporting.write_atomic(os.path.join(workdir, "results.json"), json.dumps(results, indent=2))
   if health:
     reporting.write_atomic(os.path.join(workdir, "pretrain", "health.json"),

@@ -180,23 +180,10 @@ def _t_interval(values):
   return mean_confidence_interval(values)
 
 
-def _calls(fields: dict, steps: int) -> str:
-  """Forward calls (or their equivalents) one task's adaptation costs."""
-  from fwdgrad import experiment  # pylint: disable=g-import-not-at-top
-  kind = fields.get("kind")
-  m = fields.get("num_directions", experiment.METHOD_DEFAULTS["num_directions"])
-  if kind == "zero_shot":
-    return "0"
-  if kind == "backprop":
-    return f"{steps} fwd + {steps} bwd"
-  if kind == "ff":
-    return f"{steps * m} jvp"
-  per_step = 2 * m + (2 if fields.get("sharpness_radius") else 0)
-  return f"{steps * per_step} fwd"
-
-
 def aggregate(task: str, workdir: str, num_tasks: int):
   """Per variant: seeds, per-seed means, loss start/end, steps, seconds per task."""
+  sys.path.insert(0, REPO)
+  from fwdgrad import reporting  # pylint: disable=g-import-not-at-top
   table = []
   for name, fields, overrides, what in VARIANTS[task]:
     per_seed, first, last, seconds, seeds, steps = {}, [], [], [], [], 0
@@ -234,7 +221,7 @@ def aggregate(task: str, workdir: str, num_tasks: int):
     mean, half = _t_interval(list(per_seed.values()))
     table.append(dict(
         name=name, what=what, fields=fields, overrides=overrides, seeds=seeds,
-        per_seed=per_seed, mean=mean, ci95=half, steps=steps, calls=_calls(fields, steps),
+        per_seed=per_seed, mean=mean, ci95=half, steps=steps, calls=reporting.forward_calls(fields, steps),
         loss_first=float(np.mean(first)) if first else None,
         loss_last=float(np.mean(last)) if last else None,
         seconds=float(np.median(seconds)) if seconds else None))

@@ -33,9 +33,20 @@ def per_seed(workdirs):
   return {k: v for k, v in table.items() if len(v) == len(workdirs)}
 
 
+def method_configs(workdir) -> dict:
+  """{method: its fields} from the run's ``config.json`` (steps filled in), {} if absent."""
+  path = os.path.join(workdir, "config.json")
+  if not os.path.exists(path):
+    return {}
+  with open(path) as f:
+    config = json.load(f)
+  return config.get("methods", {})
+
+
 def markdown(workdirs) -> str:
   table = per_seed(workdirs)
   zero, bp = table.get("zero_shot"), table.get("backprop")
+  fields = method_configs(workdirs[0])
 
   def paired(values, reference):
     if reference is None or values is reference:
@@ -43,11 +54,15 @@ def markdown(workdirs) -> str:
     mean, half = mean_confidence_interval(np.subtract(values, reference))
     return f"{100 * mean:+.2f} ± {100 * half:.2f}"
 
-  lines = ["| method | acc. % ± t-95% CI over seeds | per seed | Δ vs zero-shot | Δ vs BP |",
-           "|---|---|---|---|---|"]
+  lines = ["| method | steps | forward calls / task | acc. % ± t-95% CI over seeds | per seed | "
+           "Δ vs zero-shot | Δ vs BP |", "|---|---|---|---|---|---|---|"]
   for name, values in table.items():
     mean, half = mean_confidence_interval(values)
-    lines.append(f"| {name} | {100 * mean:.2f} ± {100 * half:.2f} (n={len(values)}) | "
+    method = fields.get(name, {})
+    steps = 0 if method.get("kind") == "zero_shot" else method.get("steps", "")
+    calls = reporting.forward_calls(method, steps) if method else ""
+    lines.append(f"| {name} | {steps} | {calls} | {100 * mean:.2f} ± {100 * half:.2f} "
+                 f"(n={len(values)}) | "
                  f"{' / '.join(f'{100 * v:.1f}' for v in values)} | {paired(values, zero)} | "
                  f"{paired(values, bp)} |")
   if zero and bp and len(bp) > 1:

@@ -47,6 +47,19 @@ def test_digits_shape_range_and_labels():
   assert digits.groups is None and digits.sample_rate is None
 
 
+def test_digits_resized_for_a_backbone_of_another_size():
+  small = data.load_digits()
+  big = data.load_dataset("digits", image_size=28)
+  assert big.inputs.shape == (1797, 28, 28, 1) and big.inputs.dtype == np.float32
+  assert 0.0 <= big.inputs.min() and big.inputs.max() <= 1.0
+  np.testing.assert_array_equal(big.labels, small.labels)
+  # Bilinear: the mean brightness of each image is kept up to the border effects.
+  np.testing.assert_allclose(big.inputs.mean(axis=(1, 2, 3)), small.inputs.mean(axis=(1, 2, 3)),
+                             atol=0.05)
+  with pytest.raises(ValueError, match="image_size must be a positive int"):
+    data.load_digits(image_size=0)
+
+
 def test_split_examples_is_stratified_disjoint_and_seeded():
   digits = data.load_digits()
   train, test = data.split_examples(digits, 0.2, seed=0)

@@ -74,6 +74,47 @@ def test_seeds_script_aggregates_train_py_runs_over_seeds(tmp_path):
         for task in range(3):
           f.write(json.dumps({"task": task, "accuracy": accuracy, "losses": []}) + "\n")
     workdirs.append(str(tmp_path / f"s{seed}"))
+  methods = {"zero_shot": {"kind": "zero_shot", "steps": 20},
+             "backprop": {"kind": "backprop", "steps": 100}}
+  (tmp_path / "s0" / "config.json").write_text(json.dumps({"methods": methods}))
   table = seeds.markdown(workdirs)
-  assert "| backprop | 79.00 ± 2.48 (n=3) | 80.0 / 78.0 / 79.0 | +64.00 ±" in table
+  assert ("| backprop | 100 | 100 fwd + 100 bwd | 79.00 ± 2.48 (n=3) | 80.0 / 78.0 / 79.0 | "
+          "+64.00 ±") in table
+  assert "| zero_shot | 0 | 0 | 15.00" in table
   assert "Headroom: backprop − zero-shot = +64.00" in table and "(meets the rule" in table
+
+
+def test_ood_sweep_report_tabulates_each_case_over_seeds(tmp_path):
+  spec = importlib.util.spec_from_file_location("ood_sweep",
+                                                os.path.join(REPO, "scripts", "ood_sweep.py"))
+  sweep = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(sweep)
+  per_method = {"zero_shot": (0.20, 0.25, 0.30), "backprop": (0.80, 0.82, 0.84),
+                "ff": (0.75, 0.80, 0.82), "qzo_ff_16w8a": (0.74, 0.79, 0.81),
+                "qzo_ff_8w8a": (0.20, 0.26, 0.30)}
+  for seed in range(3):
+    folder = tmp_path / "gaussian_noise_3" / f"seed{seed}" / "tasks"
+    folder.mkdir(parents=True)
+    for name, values in per_method.items():
+      (folder / f"{name}.jsonl").write_text(
+          json.dumps({"task": 0, "accuracy": values[seed], "losses": []}) + "\n")
+  (tmp_path / "jax_cache").mkdir()
+  lines = sweep.report(str(tmp_path)).splitlines()
+  assert len(lines) == 3
+  cells = [cell.strip() for cell in lines[2].split("|")[1:-1]]
+  assert cells[:3] == ["gaussian_noise", "3", "3"]
+  assert cells[3] == "25.0 ± 12.4" and cells[4] == "-"  # zero_shot; no zero_shot_16w8a rows
+  assert cells[9].startswith("+57.0 ± ") and cells[9].endswith("(meets)")
+  assert cells[10].startswith("-3.0 ± ")  # FF − BP, paired per seed
+
+
+def test_paper_methods_are_the_papers_rows_and_take_tuned_values():
+  from fwdgrad import experiment  # pylint: disable=g-import-not-at-top
+  rows = experiment.paper_methods(1e-2, ff=dict(learning_rate=3e-3, steps=50), spsa=None)
+  assert "spsa" not in rows and rows["ff"].learning_rate == 3e-3 and rows["ff"].steps == 50
+  assert rows["qzo_ff_16w8a"].learning_rate == 1e-2
+  assert rows["qzo_ff_16w8a_m1"].num_directions == 1
+  assert rows["qzo_ff_16w8a_sharpness_kernelwise"].kernelwise
+  assert rows["zero_shot_16w8a"].precision == "16w8a"
+  with pytest.raises(ValueError, match="there is no row 'fff'"):
+    experiment.paper_methods(fff=dict(steps=1))

@@ -18,6 +18,7 @@ import fwdgrad
 from fwdgrad import adaptation
 from fwdgrad import experiment
 from fwdgrad import models
+from fwdgrad import reporting
 from fwdgrad import train_lib
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -68,6 +69,87 @@ def test_a_transfer_task_pretrains_on_a_clean_part_it_never_scores():
   assert abs(total - 0.5 * clean.num_examples) <= 10
 
 
+def _rows(dataset):
+  return {row.tobytes() for row in np.asarray(dataset.inputs).reshape(dataset.num_examples, -1)}
+
+
+def test_the_tuning_part_is_the_same_for_every_seed_and_no_reported_run_sees_it():
+  config = tiny_quickstart()
+  config.data.corruption = ""  # So that rows compare across the clean and adapted parts.
+  config.task.tuning_fraction = 0.3
+  tuning, reported, scored = [], [], []
+  for seed in (0, 1, 2):
+    config.seed = seed
+    config.task.tune = True
+    tune = train_lib.make_splits(experiment.validate_config(config))
+    tuning.append(_rows(tune.adapt) | _rows(tune.adapt_test))
+    assert not _rows(tune.adapt) & _rows(tune.adapt_test)
+    assert tune.adapt_test.num_examples == pytest.approx(len(tuning[-1]) / 3, abs=10)
+    config.task.tune = False
+    run = train_lib.make_splits(experiment.validate_config(config))
+    reported.append(set().union(*(_rows(part) for part in
+                                  (run.pretrain, run.pretrain_val, run.adapt, run.adapt_test))))
+    scored.append(_rows(run.adapt_test))
+  assert tuning[0] == tuning[1] == tuning[2]
+  assert len(tuning[0]) == pytest.approx(0.3 * 1797, abs=10)
+  for seen in reported:
+    assert not seen & tuning[0]
+    assert len(seen) + len(tuning[0]) == 1797
+  assert scored[0] != scored[1]  # The seeds still split the rest differently.
+
+
+def test_a_tuning_run_tries_every_grid_point_and_records_the_best(tmp_path):
+  config = tiny_quickstart()
+  config.task.tuning_fraction = 0.4
+  config.task.tune = True
+  config.tune_grid = dict(ff=dict(learning_rate=(1e-3, 3e-2), steps=(2, 4)))
+  full = experiment.validate_config(config)
+  names = {"ff@learning_rate=1e-3,steps=2", "ff@learning_rate=1e-3,steps=4",
+           "ff@learning_rate=3e-2,steps=2", "ff@learning_rate=3e-2,steps=4"}
+  assert set(full.methods) == names | {"zero_shot", "qzo"}
+  assert full.methods["ff@learning_rate=3e-2,steps=4"].learning_rate == 3e-2
+  results = train_lib.train_and_evaluate(config, str(tmp_path))
+  assert names <= set(results)
+  chosen = json.load(open(tmp_path / "tuning.json"))
+  best = max(sorted(names), key=lambda name: results[name]["accuracy"])
+  assert results[chosen["ff"]["variant"]]["accuracy"] == results[best]["accuracy"]
+  assert "tuning run" in open(tmp_path / "results.md").read()
+
+
+def test_tuning_choice_skips_diverged_points_and_breaks_ties_by_grid_order():
+  points = {"ff": [("a", {"learning_rate": 1.0}), ("b", {"learning_rate": 2.0}),
+                   ("c", {"learning_rate": 3.0})]}
+  results = {"a": {"accuracy": 0.5, "ci95": 0.0}, "b": {"accuracy": 0.5, "ci95": 0.0},
+             "c": {"diverged": True, "step": 1, "task": 0}}
+  assert reporting.tuning_choice(results, points)["ff"]["variant"] == "a"
+  assert "DIVERGED" in reporting.tuning_table(results, points)
+  assert experiment.grid_name("m", {"learning_rate": 0.0015, "steps": 10}) == (
+      "m@learning_rate=1p5e-3,steps=10")
+
+
+@pytest.mark.parametrize("edit, message", [
+    (dict(task=dict(tune=True, tuning_fraction=0.3), tune_grid=dict(nope=dict(learning_rate=(1e-3,)))),
+     "there is no method 'nope'"),
+    (dict(tune_grid=dict(ff=dict(lr=(1e-3,)))), r"config\.tune_grid\.ff\.lr is not a method field"),
+    (dict(tune_grid=dict(ff=dict(learning_rate=()))), "non-empty tuple"),
+    (dict(task=dict(tune=True)), r"config\.task\.tuning_fraction must be"),
+    (dict(task=dict(tuning_fraction=1.5)), r"config\.task\.tuning_fraction must be"),
+])
+def test_bad_tuning_fields_are_named(edit, message):
+  config = tiny_quickstart()
+  for section, fields in edit.items():
+    if section == "tune_grid":
+      config.tune_grid = fields
+    else:
+      config[section].update(fields)
+  with pytest.raises(ValueError, match=message):
+    experiment.validate_config(config)
+  fewshot = tiny_fewshot()
+  fewshot.task.tuning_fraction = 0.2
+  with pytest.raises(ValueError, match="few-shot tasks tune on validation classes"):
+    experiment.validate_config(fewshot)
+
+
 def test_the_pretrained_head_is_the_zero_shot_classifier(tmp_path):
   config = tiny_quickstart()
   config.methods = dict(zero_shot=dict(kind="zero_shot"))
@@ -86,6 +168,20 @@ def test_the_pretrained_head_is_the_zero_shot_classifier(tmp_path):
   with pytest.raises(ValueError, match="pre-trained classifier has 3 classes but the task has 10"):
     adaptation.Adapter("conv4", config.model.kwargs.to_dict(), variables,
                        config.methods.zero_shot, config.adapt, 10, 0)
+
+
+def test_a_random_decoder_is_the_zero_shot_of_cross_domain_and_each_task_draws_its_own(tmp_path):
+  config = tiny_quickstart()
+  config.adapt.head = "random"
+  config.task.num_tasks = 4
+  config.methods = dict(zero_shot=dict(kind="zero_shot"),
+                        backprop=dict(kind="backprop", learning_rate=1e-2, optimizer="adam",
+                                      steps=40))
+  results = train_lib.train_and_evaluate(config, str(tmp_path))
+  zero = [row["accuracy"] for row in reporting.read_metrics(tmp_path / "tasks" / "zero_shot.jsonl")]
+  assert len(set(zero)) > 1  # Not one decoder (nor ProtoNets, the same for every task's set).
+  assert results["zero_shot"]["accuracy"] < 0.4  # About chance for 10 classes.
+  assert results["backprop"]["accuracy"] > results["zero_shot"]["accuracy"] + 0.05
 
 
 def test_a_pretraining_that_falls_short_warns_and_says_so_in_the_report(tmp_path):

@@ -46,16 +46,26 @@ _IDX_DTYPES = {0x08: np.dtype(">u1"), 0x09: np.dtype(">i1"), 0x0B: np.dtype(">i2
 _IDX_SPLITS = {"train": "train", "test": "t10k", "t10k": "t10k"}
 
 
-def load_digits() -> Dataset:
+def load_digits(image_size: Optional[int] = None) -> Dataset:
   """scikit-learn's copy of the UCI handwritten digits: 1,797 images of 8x8 pixels, classes 0-9.
 
+  Args:
+    image_size: resize the images to this square size (bilinear), e.g. 28 to feed a backbone
+      pre-trained on 28x28 images; None keeps 8x8.
+
   Returns:
-    A :class:`Dataset` with ``inputs`` float32 ``(1797, 8, 8, 1)`` in ``[0, 1]`` (the 0..16 pixel
-    counts divided by 16) and ``labels`` int32 in ``0..9``.
+    A :class:`Dataset` with ``inputs`` float32 ``(1797, 8, 8, 1)`` (or the size asked for) in
+    ``[0, 1]`` (the 0..16 pixel counts divided by 16) and ``labels`` int32 in ``0..9``.
   """
   from sklearn import datasets  # pylint: disable=g-import-not-at-top
   digits = datasets.load_digits()
   inputs = digits.images.astype(np.float32)[..., None] / 16.0
+  if image_size is not None:
+    if isinstance(image_size, bool) or not isinstance(image_size, int) or image_size < 1:
+      raise ValueError(f"image_size must be a positive int, got {image_size!r}.")
+    import jax  # pylint: disable=g-import-not-at-top
+    inputs = np.clip(np.asarray(jax.image.resize(
+        inputs, (len(inputs), image_size, image_size, 1), "bilinear")), 0.0, 1.0)
   return make_dataset(inputs, digits.target, [str(c) for c in digits.target_names])
 
 
