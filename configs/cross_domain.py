@@ -52,23 +52,30 @@ def get_config(arg=None):
   config.task.num_tasks = 5
   config.adapt.mode = "lp"
   config.adapt.head = "random"
-  config.adapt.steps = 2000
+  config.adapt.steps = 6000
   config.adapt.batch_size = 100
+  # The best point of each method's row of config.tune_grid (a config.task.tune run).
   config.methods = experiment.paper_methods(
-      learning_rate=3e-3, backprop_learning_rate=3e-3, backprop_steps=300,
-      zero_shot_16w8a=None)
-  lrs = (3e-4, 1e-3, 3e-3, 1e-2, 3e-2)
+      learning_rate=3e-3, backprop_learning_rate=3e-2, backprop_steps=1000,
+      kernelwise_learning_rate=1e-2, zero_shot_16w8a=None,
+      ff=dict(learning_rate=3e-2), spsa=dict(learning_rate=3e-2),
+      qzo_ff_16w8a=dict(learning_rate=1e-2, head_range=4.0),
+      qzo_ff_8w8a=dict(learning_rate=3e-3, epsilon=4e-3))
+  lrs = (1e-3, 3e-3, 1e-2, 3e-2, 1e-1)
+  steps = (600, 2000, 6000)
   config.tune_grid = dict(
-      backprop=dict(learning_rate=(1e-3, 3e-3, 1e-2), steps=(100, 300)),
-      ff=dict(learning_rate=lrs, steps=(600, 2000)),
-      spsa=dict(learning_rate=lrs, steps=(600, 2000)),
-      qzo_ff_16w8a=dict(learning_rate=lrs, steps=(600, 2000)),
-      qzo_ff_16w8a_m1=dict(learning_rate=lrs),
-      qzo_ff_8w8a=dict(learning_rate=lrs, epsilon=(1e-3, 4e-3)),
-      qzo_ff_16w8a_momentum=dict(learning_rate=lrs),
-      qzo_ff_16w8a_sharpness=dict(learning_rate=lrs),
-      qzo_ff_16w8a_kernelwise=dict(learning_rate=(1e-2, 3e-2, 1e-1)),
-      qzo_ff_16w8a_sharpness_kernelwise=dict(learning_rate=(1e-2, 3e-2, 1e-1)),
+      backprop=dict(learning_rate=(1e-3, 3e-3, 1e-2, 3e-2), steps=(100, 300, 1000)),
+      ff=dict(learning_rate=lrs, steps=steps),
+      spsa=dict(learning_rate=lrs, steps=steps),
+      qzo_ff_16w8a=dict(learning_rate=lrs, steps=steps, head_range=(1.0, 4.0)),
+      qzo_ff_16w8a_m1=dict(learning_rate=lrs, steps=steps[1:]),
+      qzo_ff_8w8a=dict(learning_rate=lrs, epsilon=(1e-3, 4e-3), steps=steps[1:],
+                       head_range=(1.0, 4.0)),
+      qzo_ff_16w8a_momentum=dict(learning_rate=lrs, steps=steps[1:]),
+      qzo_ff_16w8a_sharpness=dict(learning_rate=lrs, steps=steps[1:]),
+      qzo_ff_16w8a_kernelwise=dict(learning_rate=(1e-2, 3e-2, 1e-1), steps=steps[1:]),
+      qzo_ff_16w8a_sharpness_kernelwise=dict(learning_rate=(1e-2, 3e-2, 1e-1),
+                                             steps=steps[1:]),
   )
   if "dvpt" in variants:
     config.adapt.mode = "dvpt"
@@ -78,6 +85,8 @@ def get_config(arg=None):
   if "dvpt" in variants or "tiny" in variants:  # (The tests run the rest in other configs.)
     config.methods = {name: config.methods[name] for name in MAIN}
     config.tune_grid = {name: grid for name, grid in config.tune_grid.items() if name in MAIN}
+  if "dvpt" in variants:  # Each step runs the whole ViT: a smaller grid.
+    config.tune_grid = {name: dict(learning_rate=(1e-3, 3e-3, 1e-2)) for name in MAIN[1:]}
   if "tiny" in variants:
     experiment.shrink_for_tests(config)
     config.pretrain.data.max_examples = 400

@@ -165,6 +165,23 @@ def _pretrained_head(variables: dict, num_classes: int) -> dict:
   return {"kernel": jnp.asarray(kernel), "bias": jnp.asarray(head["bias"])}
 
 
+def _widen_kernel_scales(quant, factor: float):
+  """``quant`` with every ``kernel_scale`` and output scale (``act_out``) times ``factor``.
+
+  Both ranges were calibrated on the initial head: the weights cannot grow past the kernel's, nor
+  the logits past the output's (an engine's static scales), so both get the room.
+  """
+  if not hasattr(quant, "items"):
+    return quant
+  out = {}
+  for name, value in quant.items():
+    if name == "kernel_scale" or (name == "act_out" and hasattr(value, "items")):
+      out[name] = jax.tree_util.tree_map(lambda x: x * factor, value)
+    else:
+      out[name] = _widen_kernel_scales(value, factor)
+  return out
+
+
 class Adapter:
   """Adapts a backbone to tasks with one method; build once, call per task.
 
@@ -256,7 +273,11 @@ class Adapter:
       return {}
     calibrated = models.calibrate(self.head, {"params": head}, support_features, batch_size=None,
                                   method=self.config.calibration)
-    return calibrated.get(models.layers.QUANT, {})
+    quant = calibrated.get(models.layers.QUANT, {})
+    head_range = float(self.method.get("head_range", 1.0))
+    if head_range != 1.0:  # Coarser grids with room to grow; the forward and update share them.
+      quant = _widen_kernel_scales(quant, head_range)
+    return quant
 
   def _head_apply(self, head, head_quant, features):
     variables = {"params": head}

@@ -43,6 +43,11 @@ METHOD_DEFAULTS = dict(
     momentum=False,          # spsa, qzo_ff: momentum-guided sampling (MomentumGuidedSampling())
     sharpness_radius=0.0,    # spsa, qzo_ff: ρ of the sharpness-aware ascent step (0: off)
     kernelwise=False,        # ff, spsa, qzo_ff: kernel-wise normalization of the update
+    # Fixed-point methods: the trained head's weight range w_max and its output (logit) range, as
+    # multiples of the ranges calibrated on the initial head. Static scales never change, so no
+    # weight or logit passes the range it starts with; a randomly initialised decoder needs room
+    # to grow (scripts/weight_range.py measures it).
+    head_range=1.0,
 )
 
 _ENHANCED_KINDS = dict(momentum=("spsa", "qzo_ff"), sharpness_radius=("spsa", "qzo_ff"),
@@ -505,6 +510,8 @@ def _check_method(where: str, method, adapt) -> None:
 
 
 def _check_enhancements(where: str, method) -> None:
+  _number(f"{where}.head_range", method.head_range, 1.0,
+          hint="1 keeps the head's initial range; 4 lets its weights grow 4-fold.")
   for field in ("momentum", "kernelwise"):
     if not isinstance(method[field], (bool, np.bool_)):
       raise ConfigError(f"{where}.{field} must be True or False, got {method[field]!r}.")

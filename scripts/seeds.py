@@ -33,6 +33,11 @@ def per_seed(workdirs):
   return {k: v for k, v in table.items() if len(v) == len(workdirs)}
 
 
+def _low(diffs) -> float:
+  mean, half = mean_confidence_interval(diffs)
+  return mean - half
+
+
 def method_configs(workdir) -> dict:
   """{method: its fields} from the run's ``config.json`` (steps filled in), {} if absent."""
   path = os.path.join(workdir, "config.json")
@@ -65,6 +70,15 @@ def markdown(workdirs) -> str:
                  f"(n={len(values)}) | "
                  f"{' / '.join(f'{100 * v:.1f}' for v in values)} | {paired(values, zero)} | "
                  f"{paired(values, bp)} |")
+  fg = [name for name in table
+        if fields.get(name, {}).get("kind") in ("ff", "spsa", "qzo_ff")]
+  if zero and bp and fg and len(bp) > 1:
+    beats = [n for n in fg if _low(np.subtract(table[n], zero)) > 0]
+    close = [n for n in fg if np.mean(np.subtract(table[n], bp)) >= -0.05]
+    lines.append(f"\nSummary over the {len(fg)} forward-gradient rows: beat zero-shot (paired "
+                 f"interval above 0) in {len(beats)} of {len(fg)}; within 5 points of BP (mean "
+                 f"paired difference ≥ −5) in {len(close)} of {len(fg)}"
+                 + (f" ({', '.join(close)})" if close else "") + ".")
   if zero and bp and len(bp) > 1:
     room = reporting.headroom(bp, zero)
     lines.append(f"\nHeadroom: backprop − zero-shot = {100 * room['gap']:+.2f} ± "

@@ -6,6 +6,7 @@ import os
 import pytest
 
 from fwdgrad import experiment
+from fwdgrad import reporting
 from fwdgrad import train_lib
 
 from test_train_lib import REPO, load_config
@@ -65,3 +66,22 @@ def test_config_runs_end_to_end_at_a_tiny_size(name, arg, tmp_path):
   for row in results.values():
     assert 0.0 <= row["accuracy"] <= 1.0
   assert os.path.exists(tmp_path / "results.md")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["ood_fashion", "cross_domain"])
+def test_adaptation_lowers_the_training_loss_on_the_evidence_configs(name, tmp_path):
+  """The experiment configs' pipelines train: BP and QZO-FF 16w8a lower the task loss."""
+  config = _with_local_data(load_config(name, "tiny"))
+  _require_data(config)
+  config.pretrain.steps = 20
+  config.adapt.steps = 60
+  config.task.num_tasks = 1
+  config.methods = {key: config.methods[key] for key in ("zero_shot", "backprop", "qzo_ff_16w8a")}
+  config.methods["backprop"].learning_rate = 1e-2
+  config.methods["qzo_ff_16w8a"].learning_rate = 1e-2
+  train_lib.train_and_evaluate(config, str(tmp_path))
+  for method in ("backprop", "qzo_ff_16w8a"):
+    losses = reporting.read_metrics(tmp_path / "tasks" / f"{method}.jsonl")[0]["losses"]
+    assert len(losses) == 60
+    assert sum(losses[-10:]) / 10 < 0.9 * losses[0], (method, losses[0], losses[-10:])
