@@ -61,7 +61,9 @@ Experiments
   ``train_and_evaluate(config, workdir)``  what ``train.py`` runs; ``default_config()``.
 
 Sub-packages: ``fwdgrad.models`` (``get_model``, ``Precision``, quantized layers, backbones,
-``calibrate`` and ``weight_scales`` for a fixed-point model's static scales, checkpoint import) and ``fwdgrad.data`` (``load_dataset``, few-shot episodes).
+``calibrate`` and ``weight_scales`` for a fixed-point model's static scales, checkpoint import),
+``fwdgrad.data`` (``load_dataset``, few-shot episodes) and ``fwdgrad.edge`` (the true-integer
+forward compiled by IREE and QZO-FF driven by it; ``python -m fwdgrad.edge``; the ``edge`` extra).
 """
 
 from fwdgrad import data

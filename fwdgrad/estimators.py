@@ -58,6 +58,14 @@ def _mix32(x: jax.Array) -> jax.Array:
   return x ^ (x >> 16)
 
 
+def _popcount32(x: jax.Array) -> jax.Array:
+  """Set bits of a ``uint32`` by shifts and masks (edge runtimes such as IREE's vmvx lack popcount)."""
+  x = x - ((x >> 1) & jnp.uint32(0x55555555))
+  x = (x & jnp.uint32(0x33333333)) + ((x >> 2) & jnp.uint32(0x33333333))
+  x = (x + (x >> 4)) & jnp.uint32(0x0F0F0F0F)
+  return (x * jnp.uint32(0x01010101)) >> 24
+
+
 def counter_bits(key: jax.Array, shape) -> jax.Array:
   """Random ``uint32`` words as a pure elementwise function of (key, element index).
 
@@ -95,7 +103,7 @@ def counter_bits(key: jax.Array, shape) -> jax.Array:
   gamma = _mix32(seed ^ jnp.uint32(0x6A09E667)) | jnp.uint32(1)
   # A multiplier with few 01/10 bit transitions (such as 1) makes neighbouring inputs differ in
   # few bits; SplitMix's remedy flips every other bit (gamma stays odd).
-  transitions = jax.lax.population_count(gamma ^ (gamma >> 1))
+  transitions = _popcount32(gamma ^ (gamma >> 1))
   gamma = jnp.where(transitions < 12, gamma ^ jnp.uint32(0xAAAAAAAA), gamma)
   offset = _mix32(seed + jnp.uint32(0xBB67AE85))
   # Hashed as a flat vector and reshaped last (a free bitcast), so that XLA fuses the whole

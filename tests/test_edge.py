@@ -1,0 +1,188 @@
+"""The true-integer forward, its IREE modules, and QZO-FF driven by them (fwdgrad.edge)."""
+
+import re
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import fwdgrad
+from fwdgrad import models
+from fwdgrad import qzo
+from fwdgrad.edge import integer
+from fwdgrad.edge import runner
+from fwdgrad.edge import runtime
+
+from test_train_lib import REPO
+
+FEATURES = (4, 8)
+
+
+def _calibrated(precision="16w8a", key=0):
+  """A Conv4 with random BatchNorm statistics (so folding is exercised), calibrated."""
+  model = models.get_model("conv4", num_classes=3, features=FEATURES, precision=precision)
+  x = jax.random.normal(jax.random.key(key), (24, 8, 8, 1))
+  variables = dict(model.init(jax.random.key(key + 1), x[:1]))
+  rng = np.random.default_rng(key)
+  stats = jax.tree_util.tree_map(lambda v: jnp.asarray(rng.uniform(0.5, 2.0, v.shape), jnp.float32),
+                                 dict(variables["batch_stats"]))
+  for name in stats:
+    stats[name] = dict(stats[name], mean=jnp.asarray(rng.normal(0, 0.3, stats[name]["mean"].shape),
+                                                     jnp.float32))
+  params = dict(variables["params"])
+  for name in ("block0", "block1"):
+    params[name] = dict(params[name], scale=jnp.asarray(rng.uniform(-1.5, 1.5, FEATURES[int(name[-1])]),
+                                                        jnp.float32),
+                        bias=jnp.asarray(rng.normal(0, 0.3, FEATURES[int(name[-1])]), jnp.float32))
+  params["head"] = dict(params["head"], bias=jnp.asarray(rng.normal(0, 0.2, 3), jnp.float32))
+  variables = models.calibrate(model, {"params": params, "batch_stats": stats}, x)
+  tx = fwdgrad.qzo_ff(1e-2, key=0, weight_scale=models.weight_scales(variables)["head"],
+                      weight_bits=models.Precision.parse(precision).weight_bits)
+  state = tx.init(params["head"])
+  program = integer.conv4_program(model, variables, float(state.weight_scale["bias"]))
+  return model, variables, program, state, np.asarray(x)
+
+
+def _reference_logits(program, variables, x_q):
+  """Python-int arithmetic apart from the library: conv, requantization, ReLU, pooling, head."""
+  def rescale(acc, multiplier, shift):
+    acc = acc.astype(object)
+    return np.vectorize(lambda a, m, k: (int(a) * int(m) + (1 << int(k) >> 1)) >> int(k),
+                        otypes=[object])(acc, multiplier, shift).astype(np.int64)
+
+  h = x_q.astype(np.int64)
+  for kernel, rq in zip(program.kernels, program.requants):
+    n, height, width, _ = h.shape
+    padded = np.pad(h, ((0, 0), (1, 1), (1, 1), (0, 0)))
+    acc = np.zeros((n, height, width, kernel.shape[-1]), np.int64)
+    for i in range(3):
+      for j in range(3):
+        acc += np.einsum("nhwc,co->nhwo", padded[:, i:i + height, j:j + width],
+                         kernel[i, j].astype(np.int64))
+    y = rescale(rq.sign * (acc + rq.offset), rq.multiplier, rq.shift)
+    y = np.maximum(np.clip(y, -127, 127), 0)
+    h = y.reshape(n, height // 2, 2, width // 2, 2, -1).max(axis=(2, 4))
+  head = integer.head_codes(program, variables["params"]["head"])
+  acc = h.reshape(h.shape[0], -1) @ head["kernel"].astype(np.int64)
+  bias = rescale(head["bias"].astype(np.int64), program.bias_multiplier, program.bias_shift)
+  return np.clip(rescale(acc + bias, program.head_multiplier, program.head_shift), -127, 127)
+
+
+@pytest.mark.parametrize("precision", ["16w8a", "8w8a"])
+def test_integer_forward_equals_an_exact_integer_reference(precision):
+  _, variables, program, _, x = _calibrated(precision)
+  x_q = integer.quantize_inputs(program, x)
+  assert x_q.dtype == np.int8 and program.kernels[0].dtype == (np.int16 if precision == "16w8a"
+                                                               else np.int8)
+  head = integer.head_codes(program, variables["params"]["head"])
+  got = np.asarray(integer.logits(program, integer.features(program, x_q), head))
+  assert got.dtype == np.int8
+  np.testing.assert_array_equal(got, _reference_logits(program, variables, x_q))
+  assert any(np.any(rq.sign < 0) for rq in program.requants)  # A negative γ was folded.
+
+
+def test_the_integer_forward_has_no_float_operation():
+  _, variables, program, _, x = _calibrated()
+  x_q = integer.quantize_inputs(program, x)
+  f = np.asarray(integer.features(program, x_q))
+  head = integer.head_codes(program, variables["params"]["head"])
+  for text in (runtime.stablehlo(lambda x: integer.features(program, x), [x_q]),
+               runtime.stablehlo(lambda f, b, w: integer.logits(program, f, {"bias": b, "kernel": w}),
+                                 [f, head["bias"], head["kernel"]])):
+    body = text[text.index("func.func"):]
+    assert "conv" in body or "dot" in body
+    assert not re.search(r"\b(f16|bf16|f32|f64)\b", body), re.findall(r".*\bf32\b.*", body)[:3]
+
+
+def test_the_float_simulation_is_within_one_code_of_the_engine():
+  model, variables, program, _, x = _calibrated()
+  agreement = integer.simulation_agreement(model, variables, program, x)
+  assert agreement["max_difference"] <= 1
+  assert agreement["equal"] >= 0.9, agreement
+
+
+def test_inputs_the_integer_forward_cannot_take_are_refused():
+  model, variables, program, state, _ = _calibrated()
+  bias_scale = float(state.weight_scale["bias"])
+  with pytest.raises(ValueError, match="static 8-bit-activation precision"):
+    integer.conv4_program(models.get_model("conv4", num_classes=3, features=FEATURES),
+                          variables, bias_scale)
+  with pytest.raises(ValueError, match="not calibrated"):
+    integer.conv4_program(model, {k: v for k, v in variables.items() if k != "quant"},
+                          bias_scale)
+  per_channel = models.get_model("conv4", num_classes=3, features=FEATURES,
+                                 precision="16w8a-per-channel")
+  calibrated = models.calibrate(per_channel, {k: v for k, v in variables.items() if k != "quant"},
+                                jnp.zeros((2, 8, 8, 1)) + 0.5)
+  with pytest.raises(ValueError, match="per-tensor weight scales"):
+    integer.conv4_program(per_channel, calibrated, bias_scale)
+  with pytest.raises(ValueError, match="unknown IREE backend"):
+    runtime.CompiledModule("", "cuda")
+
+
+def test_numpy_rescaling_matches_the_library_int32_one():
+  from fwdgrad import fixed_point  # pylint: disable=g-import-not-at-top
+  rng = np.random.default_rng(0)
+  for multiplier, shift in ((24182, 11), (8495, 31), (31062, 14), (1, 0), (20000, 20)):
+    # (Below a shift of 16 the int32 version needs |x| M < 2^(31 + k).)
+    bound = 2**30 if shift >= 16 else 2**15
+    x = rng.integers(-bound, bound, 4000).astype(np.int32)
+    np.testing.assert_array_equal(
+        runner.multiply_shift(x, multiplier, shift),
+        np.asarray(fixed_point.multiply_shift(jnp.asarray(x), multiplier, shift)))
+  np.testing.assert_array_equal(runner.round_divide(np.arange(-10, 11), 3),
+                                np.asarray(fixed_point.round_divide(jnp.arange(-10, 11), 3)))
+
+
+@pytest.mark.parametrize("backend", ["llvm-cpu", "vmvx"])
+def test_qzo_ff_on_the_compiled_engine_equals_qzo_ff_in_jax(backend):
+  pytest.importorskip("iree.runtime")
+  model, variables, program, state, x = _calibrated()
+  head_q = {k: np.asarray(v) for k, v in
+            qzo.qzo_integer_weights(variables["params"]["head"], state).items()}
+  constants = runner.update_constants(state, 1e-2)
+  x_q = integer.quantize_inputs(program, x)
+  labels = np.arange(x.shape[0], dtype=np.int32) % 3
+  modules = runner.compile_modules(program, head_q, x_q.shape[1:], x_q.shape[0], 10,
+                                   num_directions=3, fmt=constants.fmt, backend=backend)
+  # The engine's integer outputs are the JAX integer forward's, bit for bit.
+  f_jax = np.asarray(integer.features(program, x_q))
+  f_engine = runner.batched(modules.features, x_q, 10)  # Padded last chunk.
+  np.testing.assert_array_equal(f_engine, f_jax)
+  np.testing.assert_array_equal(
+      runner.batched(modules.logits, f_engine, 10, head_q["bias"], head_q["kernel"]),
+      np.asarray(integer.logits(program, f_jax, head_q)))
+  key_data = np.asarray(jax.random.key_data(jax.random.key(7)))
+  for got, want in zip(modules.directions(key_data, np.int32(3)),
+                       runner.direction_fn(head_q, 3, constants.fmt)(jnp.asarray(key_data), 3)):
+    np.testing.assert_array_equal(got, np.asarray(want))
+  # Steps on the engine with the numpy integer update = fwdgrad.qzo_ff on the same forward.
+  steps = 6
+  w_q = dict(head_q)
+  for t in range(steps):
+    w_q, _ = runner.engine_step(modules, w_q, constants, key_data, t, f_engine, labels)
+  want, losses, _ = runner.jax_reference(program, head_q, constants.weight_scale, 1e-2, 7, 3,
+                                         1e-3, f_jax, labels, steps)
+  for k in runner.LEAVES:
+    np.testing.assert_array_equal(w_q[k], want[k])
+  assert sum(int(np.sum(w_q[k] != head_q[k])) for k in w_q) > 0
+  assert losses[-1] < losses[0]
+
+
+@pytest.mark.slow
+def test_the_edge_command_adapts_the_quickstart_model_on_the_engine(tmp_path, monkeypatch, capsys):
+  pytest.importorskip("iree.runtime")
+  from fwdgrad.edge import __main__ as edge_main  # pylint: disable=g-import-not-at-top
+  monkeypatch.chdir(REPO)
+  edge_main.main(["--config", "configs/quickstart.py:tiny", "--workdir", str(tmp_path),
+                  "--steps", "4", "--backends", "llvm-cpu"])
+  out = capsys.readouterr().out
+  assert "| IREE llvm-cpu |" in out and "integer weights equal to JAX: True" in out
+  for name in ("features", "losses", "logits", "directions"):
+    assert (tmp_path / "llvm-cpu" / f"{name}.vmfb").stat().st_size > 1000
+  saved = np.load(tmp_path / "llvm-cpu" / "head_q.npz")
+  assert saved["kernel"].dtype == np.int16
+  with pytest.raises(SystemExit):
+    edge_main.main(["--config", "configs/quickstart.py:tiny", "--workdir", str(tmp_path),
+                    "--method", "backprop"])
