@@ -23,6 +23,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
 METHODS = ("zero_shot", "zero_shot_16w8a", "backprop", "ff", "qzo_ff_16w8a", "qzo_ff_8w8a")
+FORWARD_GRADIENT = ("ff", "qzo_ff_16w8a", "qzo_ff_8w8a")
 
 
 def _module(path: str, name: str):
@@ -65,6 +66,7 @@ def report(workdir: str) -> str:
   header = ["corruption", "severity", "seeds"] + list(METHODS) + [
       "BP − zero-shot (headroom)", "FF − BP", "QZO-FF 16w8a − BP", "8w8a − 16w8a"]
   lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+  evidence, counts = [], {"rows": 0, "beat": 0, "close": 0}
   for case in cases:
     corruption, severity = case.rsplit("_", 1)
     workdirs = sorted(os.path.join(workdir, case, d) for d in os.listdir(os.path.join(workdir, case)))
@@ -95,6 +97,21 @@ def report(workdir: str) -> str:
     cells += [paired("ff", "backprop"), paired("qzo_ff_16w8a", "backprop"),
               paired("qzo_ff_8w8a", "qzo_ff_16w8a")]
     lines.append("| " + " | ".join(cells) + " |")
+    if ("backprop" in table and "zero_shot" in table and len(workdirs) > 1
+        and reporting.headroom(table["backprop"], table["zero_shot"])["meets"]):
+      evidence.append(case)
+      for name in FORWARD_GRADIENT:
+        if name in table:
+          low = np.subtract(table[name], table["zero_shot"])
+          mean, half = mean_confidence_interval(low)
+          counts["rows"] += 1
+          counts["beat"] += int(mean - half > 0)
+          counts["close"] += int(np.mean(np.subtract(table[name], table["backprop"])) >= -0.05)
+  lines.append(f"\nCases that meet the headroom rule: {len(evidence)} of {len(lines) - 2} "
+               f"({', '.join(evidence) or 'none'}). Over their forward-gradient rows "
+               f"({', '.join(FORWARD_GRADIENT)}): beat zero-shot (paired interval above 0) in "
+               f"{counts['beat']} of {counts['rows']}; within 5 points of BP (mean paired "
+               f"difference ≥ −5) in {counts['close']} of {counts['rows']}.")
   return "\n".join(lines)
 
 

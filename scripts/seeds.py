@@ -19,6 +19,20 @@ from fwdgrad import reporting  # pylint: disable=g-import-not-at-top,wrong-impor
 from fwdgrad.data import mean_confidence_interval  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 
+# The paper's comparisons: (row, against, what it measures).
+PAIRS = (
+    ("qzo_ff_16w8a", "spsa", "16w8a against float (the same sign-m-SPSA estimator)"),
+    ("qzo_ff_16w8a", "ff", "16w8a against float FF (jvp)"),
+    ("qzo_ff_8w8a", "qzo_ff_16w8a", "8w8a against 16w8a"),
+    ("qzo_ff_16w8a", "qzo_ff_16w8a_m1", "m = 3 against m = 1"),
+    ("qzo_ff_16w8a_momentum", "qzo_ff_16w8a", "enhancement: momentum-guided sampling"),
+    ("qzo_ff_16w8a_sharpness", "qzo_ff_16w8a", "enhancement: sharpness-aware"),
+    ("qzo_ff_16w8a_kernelwise", "qzo_ff_16w8a", "enhancement: kernel-wise"),
+    ("qzo_ff_16w8a_sharpness_kernelwise", "qzo_ff_16w8a",
+     "enhancement: sharpness-aware + kernel-wise"),
+)
+
+
 def per_seed(workdirs):
   """{method: [per-seed mean accuracy]} over the methods every workdir finished."""
   table = {}
@@ -79,6 +93,18 @@ def markdown(workdirs) -> str:
                  f"interval above 0) in {len(beats)} of {len(fg)}; within 5 points of BP (mean "
                  f"paired difference ≥ −5) in {len(close)} of {len(fg)}"
                  + (f" ({', '.join(close)})" if close else "") + ".")
+  comparisons = [(a, b, what) for a, b, what in PAIRS if a in table and b in table]
+  if comparisons and len(bp or zero or [0]) > 1:
+    lines.append("\nPaired differences over seeds (points, t-95%):")
+    for a, b, what in comparisons:
+      mean, half = mean_confidence_interval(np.subtract(table[a], table[b]))
+      lines.append(f"- {what}: {a} − {b} = {100 * mean:+.2f} ± {100 * half:.2f}")
+    enhanced = [a for a, b, what in comparisons if what.startswith("enhancement")]
+    if enhanced:
+      best = max(enhanced, key=lambda a: np.mean(table[a]))
+      gain = np.mean(np.subtract(table[best], table["qzo_ff_16w8a"]))
+      lines.append(f"- the enhancement that closes the gap most: {best} ({100 * gain:+.2f} points "
+                   "against plain QZO-FF 16w8a)")
   if zero and bp and len(bp) > 1:
     room = reporting.headroom(bp, zero)
     lines.append(f"\nHeadroom: backprop − zero-shot = {100 * room['gap']:+.2f} ± "

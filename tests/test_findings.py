@@ -100,7 +100,11 @@ def test_ood_sweep_report_tabulates_each_case_over_seeds(tmp_path):
           json.dumps({"task": 0, "accuracy": values[seed], "losses": []}) + "\n")
   (tmp_path / "jax_cache").mkdir()
   lines = sweep.report(str(tmp_path)).splitlines()
-  assert len(lines) == 3
+  assert len(lines) == 5 and lines[3] == ""
+  # The summary over the cases with headroom: 8w8a stays at zero-shot, FF and 16w8a do not.
+  assert lines[4].startswith("Cases that meet the headroom rule: 1 of 1 (gaussian_noise_3).")
+  assert "beat zero-shot (paired interval above 0) in 2 of 3" in lines[4]
+  assert "within 5 points of BP (mean paired difference ≥ −5) in 2 of 3" in lines[4]
   cells = [cell.strip() for cell in lines[2].split("|")[1:-1]]
   assert cells[:3] == ["gaussian_noise", "3", "3"]
   assert cells[3] == "25.0 ± 12.4" and cells[4] == "-"  # zero_shot; no zero_shot_16w8a rows

@@ -71,7 +71,7 @@ def run(args) -> dict:
                       weight_scale=models.weight_scales(variables)["head"])
   state = tx.init(head)
   constants = runner.update_constants(state, method.learning_rate, bits)
-  program = integer.conv4_program(model, variables, constants.weight_scale["bias"])
+  program = integer.conv4_program(model, variables)
   head_q = {k: np.asarray(v) for k, v in qzo.qzo_integer_weights(head, state, bits).items()}
   x_train = integer.quantize_inputs(program, task.support_inputs)
   x_test = integer.quantize_inputs(program, task.query_inputs)

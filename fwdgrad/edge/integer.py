@@ -14,7 +14,8 @@ requantization to int8 by a fixed-point multiplier and shift,
 
 with ``m = γ / sqrt(σ² + ε)`` (``m = 1`` and ``B`` the bias for a dense layer), ReLU and
 max-pooling on the codes. The constants (``M``, ``k``, ``B``, the kernel codes) are computed once
-on the host from the calibrated variables, as an engine's converter does. The trained head's
+on the host from the calibrated variables, as an engine's converter does (``M`` has 15 bits where
+the shift, at most 31, allows; see :func:`fwdgrad.fixed_point.fixed_point_multiplier_array`). The trained head's
 bias is held as int16 codes ``b_q`` on its own grid ``Δ_b`` (QZO-FF's) and enters the
 accumulator by a second multiply and shift, ``B = (b_q M_b + 2^{k_b-1}) ≫ k_b`` with
 ``M_b / 2^{k_b} ≈ Δ_b / (Δ_x Δ_w)``.
@@ -23,10 +24,11 @@ Two steps stay in float and are marked: quantizing the input images (a sensor or
 step hands the engine int8 codes) and the cross-entropy over the dequantized logits (the loss an
 inference-only runtime computes on the host or in a float unit; :func:`loss`).
 
-The float fake-quant simulation (``fwdgrad.models`` at ``precision="16w8a"``) rounds the same
-grids but computes the accumulator and the BatchNorm factor in float32, so it can land one code
-away from this engine where a value sits within float32 error of a rounding boundary, or where the
-15-bit multiplier's error moves it across one (:func:`simulation_agreement` measures how often).
+The simulation (``fwdgrad.models.Conv4`` at a static precision such as ``"16w8a"``, calibrated)
+runs this same arithmetic on integer-valued floats (``fwdgrad.models.layers.exact_conv``,
+``requantize``) with the fake-quant derivative, and the constants here come from the functions it
+calls, so its logits are this engine's codes times ``Δ_y``, bit for bit
+(:func:`simulation_agreement` checks it on any inputs).
 """
 
 from __future__ import annotations
@@ -61,126 +63,112 @@ class Conv4Program(NamedTuple):
     kernels: per block, the HWIO kernel codes (int16 for 16-bit weights).
     requants: per block, its :class:`Requant`.
     feature_scale: ``Δ`` of the feature codes (the last block's output).
-    head_kernel_scale: ``Δ_w`` of the head kernel (the calibrated one, QZO-FF's grid).
-    head_bias_scale: ``Δ_b`` of the head bias codes (QZO-FF's rule for the bias).
-    head_multiplier, head_shift: ``M, k`` of ``Δ_x Δ_w / Δ_y`` for the logits.
-    bias_multiplier, bias_shift: ``M_b, k_b`` of ``Δ_b / (Δ_x Δ_w)``.
+    head_kernel_scale: ``Δ_w`` of the head kernel (a scalar, or one per class).
+    head_bias_scale: ``Δ_b`` of the head bias codes (the calibrated ``bias_scale``).
+    head_multiplier, head_shift: ``M, k`` of ``Δ_x Δ_w / Δ_y`` for the logits (per class).
+    bias_multiplier, bias_shift: ``M_b, k_b`` of ``Δ_b / (Δ_x Δ_w)`` (per class).
     logit_scale: ``Δ_y`` of the logit codes (``head/act_out``).
-    weight_bits: bits of the kernels.
+    weight_bits: bits of the kernels (and of the head bias codes).
   """
   input_scale: float
   kernels: tuple
   requants: tuple
   feature_scale: float
-  head_kernel_scale: float
+  head_kernel_scale: np.ndarray
   head_bias_scale: float
-  head_multiplier: int
-  head_shift: int
-  bias_multiplier: int
-  bias_shift: int
+  head_multiplier: np.ndarray
+  head_shift: np.ndarray
+  bias_multiplier: np.ndarray
+  bias_shift: np.ndarray
   logit_scale: float
   weight_bits: int
 
 
-def _multiplier(ratio) -> tuple[np.ndarray, np.ndarray]:
-  """``(M, k)`` with ``M / 2^k ≈ ratio``, a 15-bit ``M`` where ``k <= 31`` allows it.
-
-  16-bit weights make ``Δ_x Δ_w / Δ_y`` small (``~1e-6``): the shift is capped at 31 and ``M``
-  keeps the bits left (at least 8, a relative error below 2^-8).
-  """
-  ratio = np.asarray(ratio, np.float64)
-  if np.any(ratio <= 0) or np.any(ratio >= 2.0 ** fixed_point.MULTIPLIER_BITS - 1):
-    raise ValueError(f"a requantization ratio {ratio.min():.3g}..{ratio.max():.3g} is outside "
-                     f"(0, 2^{fixed_point.MULTIPLIER_BITS} - 1): the calibrated scales do not "
-                     "fit an int32 multiply and shift; recalibrate on representative inputs.")
-  shift = np.minimum(fixed_point.MULTIPLIER_BITS - 1 - np.floor(np.log2(ratio)), 31)
-  multiplier = np.rint(ratio * 2.0 ** shift)
-  carry = multiplier >= 2 ** fixed_point.MULTIPLIER_BITS
-  multiplier = np.where(carry, np.rint(ratio * 2.0 ** (shift - 1)), multiplier)
-  shift = np.where(carry, shift - 1, shift)
-  if np.any(multiplier < 2 ** 8) or np.any(shift < 0):
-    raise ValueError(f"a requantization ratio of {ratio.min():.3g} needs a shift beyond 31; "
-                     "the scales are too far apart for an int32 multiply and shift.")
-  return multiplier.astype(np.int32), shift.astype(np.int32)
+@jax.jit
+def _block_constants(gamma, beta, mean, var, epsilon, in_scale, kernel_scale, out_scale):
+  # The functions the model's own exact forward calls, so the constants are the same numbers.
+  ratio, offset = layers.bn_requant_constants(gamma, beta, mean, var, epsilon, in_scale,
+                                              kernel_scale, out_scale)
+  multiplier, shift = fixed_point.fixed_point_multiplier_array(jnp.abs(ratio))
+  return multiplier, shift, jnp.where(ratio < 0, -1, 1).astype(jnp.int32), offset
 
 
-def _node(tree, *names):
-  for name in names:
-    tree = tree[name]
-  return tree
+@jax.jit
+def _head_constants(in_scale, kernel_scale, out_scale, bias_scale):
+  ratio, bias_ratio = layers.dense_requant_constants(in_scale, kernel_scale, out_scale,
+                                                     bias_scale)
+  return (fixed_point.fixed_point_multiplier_array(jnp.abs(ratio))
+          + fixed_point.fixed_point_multiplier_array(bias_ratio))
 
 
-def _scalar_scale(value) -> float:
-  value = np.asarray(value, np.float64).ravel()
-  if value.size != 1:
-    raise ValueError("the integer Conv4 takes per-tensor weight scales; per-channel kernels "
-                     "(precision '-per-channel') are not supported yet.")
-  return float(value[0])
+def _kernel_scale(value, ndim: int, per_channel: bool) -> jax.Array:
+  value = jnp.asarray(value, jnp.float32)
+  return jnp.reshape(value, (-1,) if per_channel else ())
 
 
-def conv4_program(model, variables: dict, bias_scale: float) -> Conv4Program:
+def conv4_program(model, variables: dict) -> Conv4Program:
   """The integer constants of a calibrated fixed-point :class:`fwdgrad.models.Conv4`.
 
   Args:
     model: the ``Conv4`` (``num_classes`` set, a static precision such as ``"16w8a"``).
     variables: its calibrated variables (``params`` with ``head``, ``batch_stats``, ``quant``).
-    bias_scale: ``Δ_b``, the grid of the head bias codes (the one ``qzo_ff`` trains on, e.g.
-      ``qzo_ff(...).init(params).weight_scale["head"]["bias"]``).
   """
   precision = layers.Precision.parse(model.precision)
-  if precision.is_float or precision.dynamic or precision.activation_bits != 8:
-    raise ValueError(f"the integer forward needs a static 8-bit-activation precision such as "
-                     f"'16w8a' or '8w8a', got {str(precision)!r}.")
-  if precision.weight_bits is None or precision.weight_bits > 16:
-    raise ValueError(f"the integer forward needs weights of at most 16 bits, got {precision}.")
+  if not layers.exact_precision(precision):
+    raise ValueError(f"the integer forward needs a static precision with at most 8-bit "
+                     f"activations and 16-bit weights, such as '16w8a' or '8w8a'; got "
+                     f"{str(precision)!r}.")
   if model.num_classes is None:
     raise ValueError("the integer Conv4 needs its head: build it with num_classes set.")
   if "quant" not in variables:
     raise ValueError("these variables are not calibrated: call fwdgrad.models.calibrate first.")
   params, stats, scales = variables["params"], variables.get("batch_stats", {}), variables["quant"]
-  x_scale = float(np.asarray(scales["act_input"]["scale"], np.float64))
-  input_scale = x_scale
+  if "bias_scale" not in scales["head"]:
+    raise ValueError("these variables were calibrated before heads kept a bias grid: calibrate "
+                     "again (fwdgrad.models.calibrate).")
+  per_channel = precision.per_channel
+  x_scale = jnp.asarray(scales["act_input"]["scale"], jnp.float32)
+  input_scale = float(x_scale)
   kernels, requants = [], []
+  levels = quant.qmax(precision.weight_bits)
   for i in range(len(model.features)):
     name = f"block{i}"
     p, s, q = params[name], stats[name], scales[name]
-    w_scale = _scalar_scale(q["kernel_scale"])
-    codes = np.asarray(quant.quantize(jnp.asarray(p["kernel"]), precision.weight_bits,
-                                      scale=w_scale)[0])
-    gamma = np.asarray(p["scale"], np.float64)
-    factor = gamma / np.sqrt(np.asarray(s["var"], np.float64) + 1e-5)
-    factor = np.where(factor == 0, 1e-30, factor)  # A dead channel: its output is the offset.
-    out_scale = float(np.asarray(q["act_out"]["scale"], np.float64))
-    offset = (np.asarray(p["bias"], np.float64) - np.asarray(s["mean"], np.float64) * factor)
-    offset = offset / (x_scale * w_scale * factor)
-    multiplier, shift = _multiplier(x_scale * w_scale * np.abs(factor) / out_scale)
-    if np.any(np.abs(offset) > 2.0 ** 30):
-      raise ValueError(f"{name}: the BatchNorm offset does not fit the int32 accumulator.")
-    kernels.append(codes)
-    requants.append(Requant(multiplier, shift, np.sign(factor).astype(np.int32),
-                            np.rint(offset).astype(np.int32)))
+    w_scale = _kernel_scale(q["kernel_scale"], 4, per_channel)
+    codes = jnp.clip(jnp.round(jnp.asarray(p["kernel"]) / w_scale), -levels, levels)
+    out_scale = jnp.asarray(q["act_out"]["scale"], jnp.float32)
+    constants = _block_constants(p["scale"], p["bias"], s["mean"], s["var"], jnp.float32(1e-5),
+                                 x_scale, w_scale, out_scale)
+    kernels.append(np.asarray(codes).astype(quant.integer_dtype(precision.weight_bits)))
+    requants.append(Requant(*(np.asarray(c, np.int32) for c in constants)))
     x_scale = out_scale
-  head_scale = _scalar_scale(scales["head"]["kernel_scale"])
-  logit_scale = float(np.asarray(scales["head"]["act_out"]["scale"], np.float64))
-  (head_m,), (head_k,) = _multiplier([x_scale * head_scale / logit_scale])
-  (bias_m,), (bias_k,) = _multiplier([float(bias_scale) / (x_scale * head_scale)])
-  return Conv4Program(input_scale, tuple(kernels), tuple(requants), x_scale, head_scale,
-                      float(bias_scale), int(head_m), int(head_k), int(bias_m), int(bias_k),
-                      logit_scale, precision.weight_bits)
+  head_scale = _kernel_scale(scales["head"]["kernel_scale"], 2, per_channel)
+  bias_scale = jnp.reshape(jnp.asarray(scales["head"]["bias_scale"], jnp.float32), ())
+  logit_scale = jnp.asarray(scales["head"]["act_out"]["scale"], jnp.float32)
+  head_m, head_k, bias_m, bias_k = (np.asarray(c, np.int32) for c in _head_constants(
+      x_scale, head_scale, logit_scale, bias_scale))
+  return Conv4Program(input_scale, tuple(kernels), tuple(requants), float(x_scale),
+                      np.asarray(head_scale), float(bias_scale), head_m, head_k, bias_m, bias_k,
+                      float(logit_scale), precision.weight_bits)
 
 
 def quantize_inputs(program: Conv4Program, images) -> np.ndarray:
   """The int8 input codes of float images (the one float step before the engine)."""
-  return np.asarray(quant.quantize(jnp.asarray(images, jnp.float32), 8,
-                                   scale=program.input_scale)[0])
+  scale = jnp.float32(program.input_scale)
+  # The simulation's own input quantizer (compiled, as in the model), then its codes.
+  on_grid = jax.jit(lambda x: quant.fake_quant(x, 8, scale=scale))(jnp.asarray(images,
+                                                                             jnp.float32))
+  return np.asarray(jnp.round(on_grid / scale)).astype(np.int8)
 
 
 def head_codes(program: Conv4Program, head: dict) -> dict:
   """The head's float ``{"kernel", "bias"}`` as the integer codes the engine reads."""
-  return {"kernel": np.asarray(quant.quantize(jnp.asarray(head["kernel"]), program.weight_bits,
-                                              scale=program.head_kernel_scale)[0]),
-          "bias": np.asarray(quant.quantize(jnp.asarray(head["bias"]), program.weight_bits,
-                                            scale=program.head_bias_scale)[0])}
+  levels = quant.qmax(program.weight_bits)
+  dtype = quant.integer_dtype(program.weight_bits)
+  codes = lambda v, s: np.asarray(jnp.clip(jnp.round(jnp.asarray(v) / jnp.asarray(s)), -levels,
+                                           levels)).astype(dtype)
+  return {"kernel": codes(head["kernel"], program.head_kernel_scale),
+          "bias": codes(head["bias"], program.head_bias_scale)}
 
 
 def _requantize(acc, multiplier, shift, sign=1, offset=0):
@@ -214,8 +202,10 @@ def logits(program: Conv4Program, feature_q: jax.Array, head_q: dict) -> jax.Arr
                             jnp.asarray(head_q["kernel"], jnp.int32), (((1,), (0,)), ((), ())),
                             preferred_element_type=jnp.int32)
   bias = fixed_point.multiply_shift(jnp.asarray(head_q["bias"], jnp.int32),
-                                    program.bias_multiplier, program.bias_shift)
-  return _requantize(acc + bias, program.head_multiplier, program.head_shift).astype(jnp.int8)
+                                    jnp.asarray(program.bias_multiplier),
+                                    jnp.asarray(program.bias_shift))
+  return _requantize(acc + bias, jnp.asarray(program.head_multiplier),
+                     jnp.asarray(program.head_shift)).astype(jnp.int8)
 
 
 def loss(program: Conv4Program, feature_q, labels, head_q: dict) -> jax.Array:

@@ -64,6 +64,10 @@ class UpdateConstants(NamedTuple):
 def update_constants(state: qzo.QZOState, learning_rate: float, weight_bits: int = 16,
                      perturbation_bits: int = 8, z_max: float = 3.5) -> UpdateConstants:
   """The constants of a ``qzo_ff`` state, computed once on the host (as ``qzo_ff`` does)."""
+  for name in LEAVES:
+    if np.size(state.weight_scale[name]) != 1:
+      raise ValueError("the engine runner trains per-tensor grids; the head's "
+                       f"{name} has {np.size(state.weight_scale[name])} scales (per-channel).")
   fmt = qzo.perturbation_format(perturbation_bits, z_max)
   multiplier, shift = qzo.update_multiplier(learning_rate, state.weight_scale, fmt)
   as_int = lambda tree: {k: int(np.asarray(tree[k]).reshape(())) for k in LEAVES}

@@ -15,7 +15,8 @@ Weight scales come from the layer's params by :func:`fwdgrad.fixed_point.weight_
 that :func:`fwdgrad.qzo_ff` applies (no zero range: a zero bias gets its kernel's range).
 
 The result is the ``"quant"`` collection: ``quant/<layer path>/scale`` per activation quantizer and
-``quant/<layer path>/kernel_scale`` per quantized kernel. It lives beside ``params`` in the
+``quant/<layer path>/kernel_scale`` per quantized kernel (and ``bias_scale``, the grid of a dense
+layer's bias, read where the layer runs its exact integer forward). It lives beside ``params`` in the
 variables, so it is saved and restored with them; the model then uses it unchanged in training and
 evaluation. Calibrate on the pre-training data, or on the task's support set when the backbone
 comes from elsewhere.
@@ -36,7 +37,7 @@ CALIBRATION_METHODS = ("max", "percentile", "mse")
 _MSE_CANDIDATES = 256
 
 
-_STAT_KEYS = ("amax", "histogram", "kernel_scale", "levels")
+_STAT_KEYS = ("amax", "histogram", "kernel_scale", "bias_scale", "levels")
 
 
 def _map_stats(fn, tree, *others):
@@ -153,6 +154,8 @@ def calibrate(model: nn.Module, variables: dict, inputs, *, method: str = "max",
     if "kernel_scale" in node:
       scale = node["kernel_scale"]
       out["kernel_scale"] = jnp.reshape(scale, (-1, scale.shape[-1]))[0]
+    if "bias_scale" in node:
+      out["bias_scale"] = jnp.reshape(node["bias_scale"], (-1,))[:1]
     return out
 
   raw, stats = stats, _map_stats(reduced_max, stats)
@@ -176,8 +179,9 @@ def calibrate(model: nn.Module, variables: dict, inputs, *, method: str = "max",
 
   def to_scales(node):
     out = {}
-    if "kernel_scale" in node:
-      out["kernel_scale"] = node["kernel_scale"]
+    for key in ("kernel_scale", "bias_scale"):
+      if key in node:
+        out[key] = node[key]
     if "amax" in node:
       levels_ = node["levels"]
       amax = node["amax"]
@@ -206,8 +210,9 @@ def weight_scales(variables: dict) -> PyTree:
   """The calibrated weight grids, shaped like ``variables["params"]``, for :func:`fwdgrad.qzo_ff`.
 
   Each quantized kernel gets its ``Δ_w`` (a scalar, or per output channel with size 1 on the
-  other axes); every other leaf gets ``None`` (the forward does not round it, and ``qzo_ff``
-  gives it a grid by its own rule). Pass the result as ``qzo_ff(..., weight_scale=...)`` so the
+  other axes), each dense bias its calibrated ``Δ_b`` (the grid its exact integer forward
+  reads; the same rule ``qzo_ff`` applies); every other leaf gets ``None`` (the forward does not
+  round it, and ``qzo_ff`` gives it a grid by its own rule). Pass the result as ``qzo_ff(..., weight_scale=...)`` so the
   update uses exactly the grid the forward reads.
 
   Raises:
@@ -228,6 +233,8 @@ def weight_scales(variables: dict) -> PyTree:
         scale = node["kernel_scale"]
         out[name] = (jnp.reshape(scale, (1,) * (jnp.ndim(value) - 1) + (-1,)) if scale.size > 1
                      else jnp.reshape(scale, ()))
+      elif name == "bias" and isinstance(node, dict) and "bias_scale" in node:
+        out[name] = jnp.reshape(node["bias_scale"], ())
       else:
         out[name] = place(value, child)
     return out

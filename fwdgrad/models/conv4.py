@@ -55,12 +55,19 @@ class Conv4(nn.Module):
           f"of its {len(self.features)} blocks, so it needs at least {smallest}x{smallest} pixels; "
           f"got shape {tuple(images.shape)}. Resize the images (jax.image.resize to 28x28, say) "
           f"or use fewer blocks (features=(64, 64)).")
-    x = layers.QAct(self.precision, name="act_input")(images)
+    # Each layer is told the grid of its input, so that a calibrated static fixed-point model
+    # computes what an integer engine does (fwdgrad.edge.integer runs it on integers).
+    act = layers.QAct(self.precision, name="act_input")
+    x = act(images)
+    scale = act.static_scale()
     for i, width in enumerate(self.features):
-      x = layers.ConvBN(width, (3, 3), padding=1, precision=self.precision, quantize_input=False,
-                        name=f"block{i}")(x, train)
+      block = layers.ConvBN(width, (3, 3), padding=1, precision=self.precision,
+                            quantize_input=False, name=f"block{i}")
+      x = block(x, train, input_scale=scale)
+      scale = block.output_scale()
       x = nn.max_pool(nn.relu(x), (2, 2), strides=(2, 2))
     x = x.reshape(x.shape[0], -1)
     if self.num_classes is None:
       return x
-    return layers.QDense(self.num_classes, self.precision, quantize_input=False, name="head")(x)
+    return layers.QDense(self.num_classes, self.precision, quantize_input=False,
+                         name="head")(x, input_scale=scale)

@@ -250,6 +250,15 @@ class QAct(nn.Module):
       raise _not_calibrated(self, "activation scale", precision)
     return quant.fake_quant(x, bits, scale=self.get_variable(QUANT, "scale"))
 
+  def static_scale(self) -> Optional[Array]:
+    """The calibrated scale ``Δ`` of this quantizer's grid, or ``None`` (float, dynamic, not
+    calibrated yet, or in a calibration pass)."""
+    precision = Precision.parse(self.precision)
+    if (precision.activation_bits is None or precision.dynamic or self.is_initializing()
+        or _calibrating(self) or not self.has_variable(QUANT, "scale")):
+      return None
+    return self.get_variable(QUANT, "scale")
+
 
 def _broadcast_scale(scale: Array, ndim: int, per_channel: bool) -> Array:
   """A stored ``kernel_scale`` ((1,) or (channels,)) shaped to broadcast against the kernel."""
@@ -299,6 +308,112 @@ def _conv(x: Array, kernel: Array, strides: Sequence[int], padding) -> Array:
       dimension_numbers=("NHWC", "HWIO", "NHWC"))
 
 
+
+# Exact integer arithmetic ----------------------------------------------------------------------
+# Where a layer is told the grid of its input (``input_scale``), its static fixed-point forward
+# computes what an integer engine computes (fwdgrad.edge runs the same arithmetic on integers):
+# the int32 accumulator of the codes, exactly, and the requantization by a multiply and shift.
+
+# |x| <= 127 times a weight part |w| <= 128: up to 1032 products sum below 2^24, where float32
+# holds every integer exactly. 16-bit kernels are split into two such parts, w = 256 w_hi + w_lo.
+_EXACT_TERMS = 1032
+
+
+def exact_precision(precision: Union[str, "Precision", None]) -> bool:
+  """Whether a precision has the exact integer forward: static, <= 8-bit activations and
+  <= 16-bit weights."""
+  precision = Precision.parse(precision)
+  return (precision.activation_bits is not None and precision.activation_bits <= 8
+          and precision.weight_bits is not None and precision.weight_bits <= 16
+          and not precision.dynamic)
+
+
+def _weight_parts(w_codes: Array, weight_bits: int):
+  if weight_bits <= 8:
+    return ((w_codes, 1),)
+  high = jnp.round(w_codes / 256.0)
+  return ((high, 256), (w_codes - 256.0 * high, 1))
+
+
+def exact_dot(x_codes: Array, w_codes: Array, weight_bits: int) -> Array:
+  """``x_codes @ w_codes`` (integer-valued floats) as an exact int32 array."""
+  total = None
+  size = x_codes.shape[-1]
+  for start in range(0, size, _EXACT_TERMS):
+    x = x_codes[..., start:start + _EXACT_TERMS]
+    for part, factor in _weight_parts(w_codes[start:start + _EXACT_TERMS], weight_bits):
+      term = jnp.dot(x, part, precision=jax.lax.Precision.HIGHEST).astype(jnp.int32) * factor
+      total = term if total is None else total + term
+  return total
+
+
+def exact_conv(x_codes: Array, w_codes: Array, weight_bits: int, strides, padding) -> Array:
+  """The NHWC x HWIO convolution of integer-valued floats as an exact int32 array."""
+  kh, kw, channels, _ = w_codes.shape
+  step = max(1, _EXACT_TERMS // (kh * kw))
+  total = None
+  for start in range(0, channels, step):
+    x = x_codes[..., start:start + step]
+    for part, factor in _weight_parts(w_codes[:, :, start:start + step], weight_bits):
+      term = jax.lax.conv_general_dilated(
+          x, part, window_strides=tuple(strides), padding=padding,
+          dimension_numbers=("NHWC", "HWIO", "NHWC"),
+          precision=jax.lax.Precision.HIGHEST).astype(jnp.int32) * factor
+      total = term if total is None else total + term
+  return total
+
+
+def requantize(acc: Array, ratio: Array, bits: int, offset: Optional[Array] = None) -> Array:
+  """int32 codes ``clip(((σ (acc + B)) M + 2^(k-1)) >> k)`` with ``M / 2^k ≈ |ratio|``, ``σ`` its sign.
+
+  ``(M, k)`` come from :func:`fwdgrad.fixed_point.fixed_point_multiplier_array` (15-bit ``M``,
+  ``k <= 31``); ``offset`` ``B`` is an int32 in accumulator units.
+  """
+  multiplier, shift = fixed_point.fixed_point_multiplier_array(jnp.abs(ratio))
+  sign = jnp.where(ratio < 0, -1, 1).astype(jnp.int32)
+  if offset is not None:
+    acc = acc + offset
+  levels = quant.qmax(bits)
+  return jnp.clip(fixed_point.multiply_shift(sign * acc, multiplier, shift), -levels, levels)
+
+
+def _straight_through(exact: Callable, approx: Callable, *args):
+  """``exact(*args)`` as the value and the derivative of ``approx`` (the fake-quant formula)."""
+  @jax.custom_jvp
+  def fn(*args):
+    return exact(*args)
+
+  @fn.defjvp
+  def fn_jvp(primals, tangents):
+    _, tangent = jax.jvp(approx, primals, tangents)
+    return exact(*primals), tangent
+
+  return fn(*args)
+
+
+def _codes(x: Array, scale: Array, levels: int) -> Array:
+  return jnp.clip(jnp.round(x / scale), -levels, levels)
+
+
+def dense_requant_constants(in_scale, kernel_scale, out_scale, bias_scale):
+  """``(ratio, bias_ratio)`` of a dense layer: ``Δ_x Δ_w / Δ_y`` and ``Δ_b / (Δ_x Δ_w)``."""
+  product = in_scale * kernel_scale
+  return product / out_scale, bias_scale / product
+
+
+def bn_requant_constants(gamma, beta, mean, var, epsilon, in_scale, kernel_scale, out_scale):
+  """``(ratio, offset)`` of a conv-BatchNorm: ``Δ_x Δ_w m / Δ_y`` and ``B`` (int32).
+
+  ``m = γ / sqrt(σ² + ε)``; ``B = round((β − μ m) / (Δ_x Δ_w m))``, the BatchNorm's offset on
+  the accumulator (a dead channel, ``m = 0``, gets a tiny ``m`` and saturates at its offset).
+  """
+  factor = gamma * jax.lax.rsqrt(var + epsilon)
+  factor = jnp.where(factor == 0, jnp.float32(1e-30), factor)
+  product = in_scale * kernel_scale * factor
+  offset = jnp.clip(jnp.round((beta - mean * factor) / product), -2.0 ** 30, 2.0 ** 30)
+  return product / out_scale, offset.astype(jnp.int32)
+
+
 class QDense(nn.Module):
   """A Dense layer with a quantized kernel, quantized input and quantized output.
 
@@ -326,15 +441,65 @@ class QDense(nn.Module):
   bias_init: Initializer = nn.initializers.zeros_init()
 
   @nn.compact
-  def __call__(self, x: Array) -> Array:
+  def __call__(self, x: Array, input_scale: Optional[Array] = None) -> Array:
+    """``input_scale``: the grid ``Δ_x`` that ``x`` lies on (with ``quantize_input=False``); a
+    calibrated static layer then computes the exact integer forward (see :func:`exact_dot`)."""
     precision = Precision.parse(self.precision)
     kernel = self.param("kernel", self.kernel_init, (x.shape[-1], self.features), jnp.float32)
     if self.quantize_input:
       x = QAct(precision, name="act_in")(x)
-    y = jnp.dot(x, _quantized_kernel(self, kernel, precision))
-    if self.use_bias:
-      y = y + self.param("bias", self.bias_init, (self.features,), jnp.float32)
-    return QAct(precision, name="act_out")(y)
+    bias = (self.param("bias", self.bias_init, (self.features,), jnp.float32) if self.use_bias
+            else None)
+    out = QAct(precision, name="act_out")
+    quantized = _quantized_kernel(self, kernel, precision)
+    if bias is not None and precision.weight_bits is not None and _calibrating(self):
+      # The bias grid Δ_b, by the rule qzo_ff applies (a zero bias gets the kernel's range).
+      scale = fixed_point.weight_scales(dict(self.variables["params"]), precision.weight_bits)
+      stat = self.variable(QUANT_STATS, "bias_scale", jnp.zeros, (1,), jnp.float32)
+      stat.value = jnp.reshape(scale["bias"], (-1,))[:1]
+    out_scale = out.static_scale()
+    if (input_scale is not None and not self.quantize_input and exact_precision(precision)
+        and out_scale is not None and self.has_variable(QUANT, "kernel_scale")
+        and (bias is None or self.has_variable(QUANT, "bias_scale"))):
+      kernel_scale = _broadcast_scale(self.get_variable(QUANT, "kernel_scale"), 2,
+                                      precision.per_channel)
+      bias_scale = (jnp.reshape(self.get_variable(QUANT, "bias_scale"), ()) if bias is not None
+                    else jnp.float32(1.0))
+      # (Through the output quantizer, the identity on these on-grid values, so that its output
+      # is there to inspect like any other quantizer's.)
+      return out(_exact_dense(x, kernel, jnp.zeros(self.features) if bias is None else bias,
+                              jnp.asarray(input_scale, jnp.float32), kernel_scale, out_scale,
+                              bias_scale, precision, bias is not None))
+    y = jnp.dot(x, quantized)
+    if bias is not None:
+      y = y + bias
+    return out(y)
+
+
+def _exact_dense(x, kernel, bias, in_scale, kernel_scale, out_scale, bias_scale,
+                 precision: Precision, use_bias: bool):
+  """A dense layer's integer forward on float codes, with the fake-quant derivative."""
+  wbits, abits = precision.weight_bits, precision.activation_bits
+
+  def exact(x, kernel, bias, in_scale, kernel_scale, out_scale, bias_scale):
+    acc = exact_dot(_codes(x, in_scale, quant.qmax(abits)),
+                    _codes(kernel, kernel_scale, quant.qmax(wbits)), wbits)
+    ratio, bias_ratio = dense_requant_constants(in_scale, kernel_scale, out_scale, bias_scale)
+    if use_bias:
+      multiplier, shift = fixed_point.fixed_point_multiplier_array(bias_ratio)
+      codes = _codes(bias, bias_scale, quant.qmax(wbits)).astype(jnp.int32)
+      acc = acc + fixed_point.multiply_shift(codes, multiplier, shift)
+    return requantize(acc, ratio, abits).astype(jnp.float32) * out_scale
+
+  def approx(x, kernel, bias, in_scale, kernel_scale, out_scale, bias_scale):
+    del in_scale, bias_scale
+    y = jnp.dot(x, quant.fake_quant(kernel, wbits, scale=kernel_scale))
+    if use_bias:
+      y = y + bias
+    return quant.fake_quant(y, abits, scale=out_scale)
+
+  return _straight_through(exact, approx, x, kernel, bias, in_scale, kernel_scale, out_scale,
+                           bias_scale)
 
 
 class QConv(nn.Module):
@@ -410,7 +575,8 @@ class ConvBN(nn.Module):
   kernel_init: Initializer = conv_kernel_init
 
   @nn.compact
-  def __call__(self, x: Array, train: bool = False) -> Array:
+  def __call__(self, x: Array, train: bool = False, input_scale: Optional[Array] = None) -> Array:
+    """``input_scale``: as for :class:`QDense`; used in evaluation mode (``train=False``)."""
     precision = Precision.parse(self.precision)
     shape = (*self.kernel_size, x.shape[-1], self.features)
     kernel = self.param("kernel", self.kernel_init, shape, jnp.float32)
@@ -421,10 +587,21 @@ class ConvBN(nn.Module):
     padding = _conv_padding(self.padding, self.kernel_size)
     if self.quantize_input:
       x = QAct(precision, name="act_in")(x)
-    y = _conv(x, _quantized_kernel(self, kernel, precision), self.strides, padding)
+    out = QAct(precision, name="act_out")
+    quantized = _quantized_kernel(self, kernel, precision)
+    out_scale = out.static_scale()
+    if (not train and input_scale is not None and not self.quantize_input
+        and exact_precision(precision) and out_scale is not None
+        and self.has_variable(QUANT, "kernel_scale")):
+      kernel_scale = _broadcast_scale(self.get_variable(QUANT, "kernel_scale"), kernel.ndim,
+                                      precision.per_channel)
+      return out(_exact_conv_bn(x, kernel, gamma, beta, mean.value, var.value,
+                                jnp.asarray(input_scale, jnp.float32), kernel_scale, out_scale,
+                                precision, self.epsilon, tuple(self.strides), padding))
+    y = _conv(x, quantized, self.strides, padding)
     if not train:
       multiplier = gamma * jax.lax.rsqrt(var.value + self.epsilon)
-      return QAct(precision, name="act_out")(y * multiplier + (beta - mean.value * multiplier))
+      return out(y * multiplier + (beta - mean.value * multiplier))
     batch_mean = jnp.mean(y, axis=(0, 1, 2))
     batch_var = jnp.mean(jnp.square(y - batch_mean), axis=(0, 1, 2))
     if not self.is_initializing():
@@ -432,7 +609,37 @@ class ConvBN(nn.Module):
       mean.value = decay * mean.value + (1 - decay) * jax.lax.stop_gradient(batch_mean)
       var.value = decay * var.value + (1 - decay) * jax.lax.stop_gradient(batch_var)
     y = (y - batch_mean) * jax.lax.rsqrt(batch_var + self.epsilon) * gamma + beta
-    return QAct(precision, name="act_out")(y)
+    return out(y)
+
+  def output_scale(self) -> Optional[Array]:
+    """The calibrated grid of this layer's output (``act_out``), or ``None`` before calibration."""
+    precision = Precision.parse(self.precision)
+    if (precision.activation_bits is None or precision.dynamic or self.is_initializing()
+        or _calibrating(self)):
+      return None
+    return self.variables.get(QUANT, {}).get("act_out", {}).get("scale")
+
+
+def _exact_conv_bn(x, kernel, gamma, beta, mean, var, in_scale, kernel_scale, out_scale,
+                   precision: Precision, epsilon: float, strides, padding):
+  """A conv-BatchNorm's integer forward on float codes, with the fake-quant derivative."""
+  wbits, abits = precision.weight_bits, precision.activation_bits
+
+  def exact(x, kernel, gamma, beta, mean, var, in_scale, kernel_scale, out_scale):
+    acc = exact_conv(_codes(x, in_scale, quant.qmax(abits)),
+                     _codes(kernel, kernel_scale, quant.qmax(wbits)), wbits, strides, padding)
+    ratio, offset = bn_requant_constants(gamma, beta, mean, var, epsilon, in_scale, kernel_scale,
+                                         out_scale)
+    return requantize(acc, ratio, abits, offset).astype(jnp.float32) * out_scale
+
+  def approx(x, kernel, gamma, beta, mean, var, in_scale, kernel_scale, out_scale):
+    del in_scale
+    y = _conv(x, quant.fake_quant(kernel, wbits, scale=kernel_scale), strides, padding)
+    factor = gamma * jax.lax.rsqrt(var + epsilon)
+    return quant.fake_quant(y * factor + (beta - mean * factor), abits, scale=out_scale)
+
+  return _straight_through(exact, approx, x, kernel, gamma, beta, mean, var, in_scale,
+                           kernel_scale, out_scale)
 
 
 class QAttention(nn.Module):
