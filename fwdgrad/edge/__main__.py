@@ -42,7 +42,7 @@ def run(args) -> dict:
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
   import fwdgrad  # pylint: disable=g-import-not-at-top
   from fwdgrad import experiment, models, qzo, train_lib  # pylint: disable=g-import-not-at-top
-  from fwdgrad.edge import integer, runner, runtime  # pylint: disable=g-import-not-at-top
+  from fwdgrad.edge import integer, runner  # pylint: disable=g-import-not-at-top
 
   config = _load_config(args.config)
   config.progress = False

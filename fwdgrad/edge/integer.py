@@ -33,7 +33,7 @@ calls, so its logits are this engine's codes times ``Δ_y``, bit for bit
 
 from __future__ import annotations
 
-from typing import Any, NamedTuple
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -41,10 +41,9 @@ import numpy as np
 
 from fwdgrad import fixed_point
 from fwdgrad import quant
+from fwdgrad import qzo
 from fwdgrad.models import layers
 
-PyTree = Any
-A8 = 127
 
 
 class Requant(NamedTuple):
@@ -89,19 +88,17 @@ def _block_constants(gamma, beta, mean, var, epsilon, in_scale, kernel_scale, ou
   # The functions the model's own exact forward calls, so the constants are the same numbers.
   ratio, offset = layers.bn_requant_constants(gamma, beta, mean, var, epsilon, in_scale,
                                               kernel_scale, out_scale)
-  multiplier, shift = fixed_point.fixed_point_multiplier_array(jnp.abs(ratio))
-  return multiplier, shift, jnp.where(ratio < 0, -1, 1).astype(jnp.int32), offset
+  return layers.requant_multiplier(ratio) + (offset,)
 
 
 @jax.jit
 def _head_constants(in_scale, kernel_scale, out_scale, bias_scale):
   ratio, bias_ratio = layers.dense_requant_constants(in_scale, kernel_scale, out_scale,
                                                      bias_scale)
-  return (fixed_point.fixed_point_multiplier_array(jnp.abs(ratio))
-          + fixed_point.fixed_point_multiplier_array(bias_ratio))
+  return layers.requant_multiplier(ratio)[:2] + fixed_point.fixed_point_multiplier_array(bias_ratio)
 
 
-def _kernel_scale(value, ndim: int, per_channel: bool) -> jax.Array:
+def _kernel_scale(value, per_channel: bool) -> jax.Array:
   value = jnp.asarray(value, jnp.float32)
   return jnp.reshape(value, (-1,) if per_channel else ())
 
@@ -130,19 +127,18 @@ def conv4_program(model, variables: dict) -> Conv4Program:
   x_scale = jnp.asarray(scales["act_input"]["scale"], jnp.float32)
   input_scale = float(x_scale)
   kernels, requants = [], []
-  levels = quant.qmax(precision.weight_bits)
   for i in range(len(model.features)):
     name = f"block{i}"
     p, s, q = params[name], stats[name], scales[name]
-    w_scale = _kernel_scale(q["kernel_scale"], 4, per_channel)
-    codes = jnp.clip(jnp.round(jnp.asarray(p["kernel"]) / w_scale), -levels, levels)
+    w_scale = _kernel_scale(q["kernel_scale"], per_channel)
     out_scale = jnp.asarray(q["act_out"]["scale"], jnp.float32)
     constants = _block_constants(p["scale"], p["bias"], s["mean"], s["var"], jnp.float32(1e-5),
                                  x_scale, w_scale, out_scale)
-    kernels.append(np.asarray(codes).astype(quant.integer_dtype(precision.weight_bits)))
+    kernels.append(np.asarray(qzo.integer_weights(jnp.asarray(p["kernel"]), w_scale,
+                                                  precision.weight_bits)))
     requants.append(Requant(*(np.asarray(c, np.int32) for c in constants)))
     x_scale = out_scale
-  head_scale = _kernel_scale(scales["head"]["kernel_scale"], 2, per_channel)
+  head_scale = _kernel_scale(scales["head"]["kernel_scale"], per_channel)
   bias_scale = jnp.reshape(jnp.asarray(scales["head"]["bias_scale"], jnp.float32), ())
   logit_scale = jnp.asarray(scales["head"]["act_out"]["scale"], jnp.float32)
   head_m, head_k, bias_m, bias_k = (np.asarray(c, np.int32) for c in _head_constants(
@@ -163,18 +159,11 @@ def quantize_inputs(program: Conv4Program, images) -> np.ndarray:
 
 def head_codes(program: Conv4Program, head: dict) -> dict:
   """The head's float ``{"kernel", "bias"}`` as the integer codes the engine reads."""
-  levels = quant.qmax(program.weight_bits)
-  dtype = quant.integer_dtype(program.weight_bits)
-  codes = lambda v, s: np.asarray(jnp.clip(jnp.round(jnp.asarray(v) / jnp.asarray(s)), -levels,
-                                           levels)).astype(dtype)
-  return {"kernel": codes(head["kernel"], program.head_kernel_scale),
-          "bias": codes(head["bias"], program.head_bias_scale)}
-
-
-def _requantize(acc, multiplier, shift, sign=1, offset=0):
-  """int32 codes clipped to the 8-bit range (still int32: see :func:`features`)."""
-  acc = sign * (acc + offset)
-  return jnp.clip(fixed_point.multiply_shift(acc, multiplier, shift), -A8, A8)
+  scales = {"kernel": jnp.asarray(program.head_kernel_scale),
+            "bias": jnp.float32(program.head_bias_scale)}
+  codes = qzo.integer_weights({k: jnp.asarray(head[k]) for k in scales}, scales,
+                              program.weight_bits)
+  return {k: np.asarray(v) for k, v in codes.items()}
 
 
 def features(program: Conv4Program, x_q: jax.Array) -> jax.Array:
@@ -188,8 +177,8 @@ def features(program: Conv4Program, x_q: jax.Array) -> jax.Array:
     acc = jax.lax.conv_general_dilated(
         x.astype(jnp.int32), jnp.asarray(kernel, jnp.int32), (1, 1), ((1, 1), (1, 1)),
         dimension_numbers=("NHWC", "HWIO", "NHWC"), preferred_element_type=jnp.int32)
-    y = _requantize(acc, jnp.asarray(rq.multiplier), jnp.asarray(rq.shift),
-                    jnp.asarray(rq.sign), jnp.asarray(rq.offset))
+    y = layers.rescale(acc, jnp.asarray(rq.multiplier), jnp.asarray(rq.shift),
+                       jnp.asarray(rq.sign), jnp.asarray(rq.offset))
     y = jnp.maximum(y, 0)
     x = jax.lax.reduce_window(y, jnp.int32(0), jax.lax.max, (1, 2, 2, 1), (1, 2, 2, 1),
                               "VALID").astype(jnp.int8)
@@ -204,8 +193,8 @@ def logits(program: Conv4Program, feature_q: jax.Array, head_q: dict) -> jax.Arr
   bias = fixed_point.multiply_shift(jnp.asarray(head_q["bias"], jnp.int32),
                                     jnp.asarray(program.bias_multiplier),
                                     jnp.asarray(program.bias_shift))
-  return _requantize(acc + bias, jnp.asarray(program.head_multiplier),
-                     jnp.asarray(program.head_shift)).astype(jnp.int8)
+  return layers.rescale(acc + bias, jnp.asarray(program.head_multiplier),
+                        jnp.asarray(program.head_shift)).astype(jnp.int8)
 
 
 def loss(program: Conv4Program, feature_q, labels, head_q: dict) -> jax.Array:

@@ -62,8 +62,7 @@ class CompiledModule:
 
   def __call__(self, *args):
     # (np.ascontiguousarray would turn a 0-d scalar into shape (1,).)
-    args = [np.asarray(a) if np.asarray(a).flags.c_contiguous else np.asarray(a).copy()
-            for a in args]
+    args = [np.require(np.asarray(a), requirements="C") for a in args]
     out = self._main(*args)
     # Copies: a result may be a view of a runtime buffer that the next call reuses.
     if isinstance(out, (tuple, list)):

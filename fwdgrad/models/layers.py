@@ -363,18 +363,26 @@ def exact_conv(x_codes: Array, w_codes: Array, weight_bits: int, strides, paddin
   return total
 
 
-def requantize(acc: Array, ratio: Array, bits: int, offset: Optional[Array] = None) -> Array:
-  """int32 codes ``clip(((σ (acc + B)) M + 2^(k-1)) >> k)`` with ``M / 2^k ≈ |ratio|``, ``σ`` its sign.
+def requant_multiplier(ratio: Array):
+  """``(M, k, σ)`` int32 with ``M / 2^k ≈ |ratio|`` and ``σ`` the sign of ``ratio``.
 
   ``(M, k)`` come from :func:`fwdgrad.fixed_point.fixed_point_multiplier_array` (15-bit ``M``,
-  ``k <= 31``); ``offset`` ``B`` is an int32 in accumulator units.
+  ``k <= 31``). An engine's converter computes them once (``fwdgrad.edge.integer``).
   """
   multiplier, shift = fixed_point.fixed_point_multiplier_array(jnp.abs(ratio))
-  sign = jnp.where(ratio < 0, -1, 1).astype(jnp.int32)
-  if offset is not None:
-    acc = acc + offset
+  return multiplier, shift, jnp.where(ratio < 0, -1, 1).astype(jnp.int32)
+
+
+def rescale(acc: Array, multiplier, shift, sign=1, offset=0, bits: int = 8) -> Array:
+  """int32 codes ``clip((σ (acc + B) M + 2^(k-1)) >> k)`` at ``bits``; ``B`` in accumulator units."""
   levels = quant.qmax(bits)
-  return jnp.clip(fixed_point.multiply_shift(sign * acc, multiplier, shift), -levels, levels)
+  return jnp.clip(fixed_point.multiply_shift(sign * (acc + offset), multiplier, shift), -levels,
+                  levels)
+
+
+def requantize(acc: Array, ratio: Array, bits: int, offset: Optional[Array] = None) -> Array:
+  """int32 codes of ``acc`` rescaled by ``ratio`` (:func:`requant_multiplier`, :func:`rescale`)."""
+  return rescale(acc, *requant_multiplier(ratio), 0 if offset is None else offset, bits)
 
 
 def _straight_through(exact: Callable, approx: Callable, *args):
