@@ -236,6 +236,10 @@ class Adapter:
       self.head = adapt.LinearHead(num_classes, num_layers=3 if head == "mlp3" else 1,
                                    hidden=adapt_config.head_hidden or None, dense=dense)
     self._run = jax.jit(self._adapt_and_evaluate)
+    if self.method.kind == "backprop" and mode != "lp" and self.steps:
+      self._jitted = dict(setup=jax.jit(self._setup), evaluate=jax.jit(self._evaluate),
+                          step=jax.jit(self._backprop_step))
+      self._run = self._adapt_and_evaluate_stepwise
 
   def _calibrate(self, params, inputs):
     variables = {"params": params, "batch_stats": self.batch_stats}
@@ -301,88 +305,129 @@ class Adapter:
       return 1.0 / _SIMPLESHOT_TEMPERATURE
     return float(np.prod(features.shape[1:]))
 
-  def _adapt_and_evaluate(self, trainable_backbone, frozen, task: Task, key):
-    head_key, method_key, batch_key = jax.random.split(key, 3)
-    backbone = lambda t: adapt.merge(t, frozen)
-    xs, ys, xq, yq = task
-    mode, head_name = self.config.mode, self.config.head
-    simpleshot = dict(method="simpleshot", mean=self.base_mean)
-    episode_kwargs = simpleshot if head_name == "simpleshot" else dict(method="protonet")
+  def _setup(self, trainable_backbone, frozen, task: Task, key):
+    """What every step of a task reads (``context``) and the initial ``trainable`` parameters.
 
-    initial_backbone = frozen if mode == "lp" else backbone(trainable_backbone)
+    ``context``: the backbone's and head's static scales, the frozen features (LP) and the keys.
+    """
+    head_key, method_key, batch_key = jax.random.split(key, 3)
+    xs, ys, xq, _ = task
+    mode = self.config.mode
+    initial_backbone = frozen if mode == "lp" else adapt.merge(trainable_backbone, frozen)
     quant = self.quant
     if self.fixed_point and quant is None:  # Static scales from this task's support set.
       quant = self._calibrate(initial_backbone, xs)
-
+    context = dict(quant=quant, head_quant={}, method_key=method_key, batch_key=batch_key)
     if mode == "lp":  # The backbone is frozen: its features are computed once.
-      support_features = self.features(frozen, xs, quant)
-      query_features = self.features(frozen, xq, quant)
+      context["support"] = self.features(frozen, xs, quant)
+      context["query"] = self.features(frozen, xq, quant)
+    trainable = {"backbone": trainable_backbone}
+    if self.parametric_head:
+      support_features = self._features_of(context, frozen, trainable, xs, "support")
+      trainable["head"] = self._init_head(head_key, support_features, ys)
+      context["head_quant"] = self._head_quant(trainable["head"], support_features)
+    return context, trainable
 
-    def features_of(trainable, inputs, index=slice(None)):
-      if mode == "lp":
-        return (support_features if inputs is xs else query_features)[index]
-      return self.features(backbone(trainable["backbone"]), inputs[index], quant)
+  def _features_of(self, context, frozen, trainable, inputs, which, index=slice(None)):
+    if self.config.mode == "lp":
+      return context[which][index]
+    return self.features(adapt.merge(trainable["backbone"], frozen), inputs[index],
+                         context["quant"])
 
-    def batch(step):
-      size = self.config.batch_size
-      if not size or size >= xs.shape[0]:
-        return slice(None)
-      return jax.random.choice(jax.random.fold_in(batch_key, step), xs.shape[0], (size,),
-                               replace=False)
-
-    def loss_fn(trainable, index):
-      labels = ys[index]
-      feats = features_of(trainable, xs, index)
+  def _transform(self, context, frozen, trainable):
+    weight_scale = None
+    if self.method.kind == "qzo_ff" and self.fixed_point:
+      # One grid: QZO-FF trains the kernels on the grids the forward reads.
+      initial = frozen if self.config.mode == "lp" else adapt.merge(trainable["backbone"], frozen)
+      full = models.weight_scales({"params": initial, models.layers.QUANT: context["quant"]})
+      weight_scale = {"backbone": ({} if self.config.mode == "lp"
+                                   else _trainable_scales(full, frozen))}
       if self.parametric_head:
-        logits = self._head_apply(trainable["head"], head_quant, feats)
+        weight_scale["head"] = models.weight_scales({"params": trainable["head"],
+                                                     models.layers.QUANT: context["head_quant"]})
+    return make_transform(self.method, context["method_key"], weight_scale)
+
+  def _step(self, context, frozen, task: Task, tx, params, opt_state, step):
+    """One adaptation step: new parameters and optimizer state, and the step's loss."""
+    xs, ys = task.support_inputs, task.support_labels
+    head_name = self.config.head
+    size = self.config.batch_size
+    index = slice(None)
+    if size and size < xs.shape[0]:
+      index = jax.random.choice(jax.random.fold_in(context["batch_key"], step), xs.shape[0],
+                                (size,), replace=False)
+
+    def value_fn(trainable):
+      labels = ys[index]
+      feats = self._features_of(context, frozen, trainable, xs, "support", index)
+      if self.parametric_head:
+        logits = self._head_apply(trainable["head"], context["head_quant"], feats)
         if head_name == "linear":  # Started as the ProtoNets classifier: same temperature.
           logits = logits / self._temperature(feats)
         return optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
       scale = 1.0 / self._temperature(feats)
       return fewshot.episode_loss(feats, labels, feats, labels, self.num_classes, scale=scale,
-                                  **episode_kwargs)
+                                  **self._episode_kwargs())
 
-    trainable = {"backbone": trainable_backbone}
-    head_quant = {}
+    if self.method.kind == "backprop":
+      loss, grads = jax.value_and_grad(value_fn)(params)
+      updates, opt_state = tx.update(grads, opt_state, params, value_fn=value_fn)
+    else:
+      updates, opt_state = tx.update(params, opt_state, params, value_fn=value_fn)
+      loss = fwdgrad.step_loss(opt_state)
+    return optax.apply_updates(params, updates), opt_state, loss.astype(jnp.float32)
+
+  def _backprop_step(self, context, frozen, task: Task, params, opt_state, step):
+    tx = make_transform(self.method, context["method_key"])  # Backprop's needs no grids.
+    return self._step(context, frozen, task, tx, params, opt_state, step)
+
+  def _episode_kwargs(self):
+    if self.config.head == "simpleshot":
+      return dict(method="simpleshot", mean=self.base_mean)
+    return dict(method="protonet")
+
+  def _evaluate(self, context, frozen, task: Task, trainable):
+    xs, ys, xq, yq = task
+    features_of = functools.partial(self._features_of, context, frozen, trainable)
     if self.parametric_head:
-      support_features = features_of(trainable, xs)
-      trainable["head"] = self._init_head(head_key, support_features, ys)
-      head_quant = self._head_quant(trainable["head"], support_features)
+      logits = self._head_apply(trainable["head"], context["head_quant"],
+                                features_of(xq, "query"))
+      return jnp.mean((jnp.argmax(logits, -1) == yq).astype(jnp.float32))
+    return fewshot.episode_accuracy(features_of(xs, "support"), ys, features_of(xq, "query"), yq,
+                                    self.num_classes, **self._episode_kwargs())
 
+  def _adapt_and_evaluate(self, trainable_backbone, frozen, task: Task, key):
+    """The whole task in one program: the steps run in a ``lax.scan``."""
+    context, trainable = self._setup(trainable_backbone, frozen, task, key)
     losses = jnp.zeros((0,), jnp.float32)
     if self.steps:
-      weight_scale = None
-      if self.method.kind == "qzo_ff" and self.fixed_point:
-        # One grid: QZO-FF trains the kernels on the grids the forward reads.
-        full = models.weight_scales({"params": initial_backbone, models.layers.QUANT: quant})
-        weight_scale = {"backbone": {} if mode == "lp" else _trainable_scales(full, frozen)}
-        if self.parametric_head:
-          weight_scale["head"] = models.weight_scales({"params": trainable["head"],
-                                                       models.layers.QUANT: head_quant})
-      tx = make_transform(self.method, method_key, weight_scale)
+      tx = self._transform(context, frozen, trainable)
 
       def step(carry, index):
-        params, opt_state = carry
-        value_fn = functools.partial(loss_fn, index=batch(index))
-        if self.method.kind == "backprop":
-          loss, grads = jax.value_and_grad(value_fn)(params)
-          updates, opt_state = tx.update(grads, opt_state, params, value_fn=value_fn)
-        else:
-          updates, opt_state = tx.update(params, opt_state, params, value_fn=value_fn)
-          loss = fwdgrad.step_loss(opt_state)
-        return (optax.apply_updates(params, updates), opt_state), loss.astype(jnp.float32)
+        params, opt_state, loss = self._step(context, frozen, task, tx, *carry, index)
+        return (params, opt_state), loss
 
       (trainable, _), losses = jax.lax.scan(step, (trainable, tx.init(trainable)),
                                             jnp.arange(self.steps))
+    return self._evaluate(context, frozen, task, trainable), losses
 
-    if self.parametric_head:
-      feats = features_of(trainable, xq)
-      predictions = jnp.argmax(self._head_apply(trainable["head"], head_quant, feats), -1)
-      accuracy = jnp.mean((predictions == yq).astype(jnp.float32))
-    else:
-      accuracy = fewshot.episode_accuracy(features_of(trainable, xs), ys, features_of(
-          trainable, xq), yq, self.num_classes, **episode_kwargs)
-    return accuracy, losses
+  def _adapt_and_evaluate_stepwise(self, trainable_backbone, frozen, task: Task, key):
+    """The same as :meth:`_adapt_and_evaluate`, one jitted step at a time from Python.
+
+    Backprop through a backbone runs several times slower inside a ``lax.scan`` on the CPU than
+    as a jitted step (the backward convolutions lose their fast path in the loop body); the
+    forward-only estimators do not, and keep the single program.
+    """
+    context, trainable = self._jitted["setup"](trainable_backbone, frozen, task, key)
+    tx = self._transform(context, frozen, trainable)
+    opt_state = tx.init(trainable)
+    losses = []
+    for index in range(self.steps):
+      trainable, opt_state, loss = self._jitted["step"](context, frozen, task, trainable,
+                                                        opt_state, index)
+      losses.append(loss)
+    accuracy = self._jitted["evaluate"](context, frozen, task, trainable)
+    return accuracy, jnp.stack(losses) if losses else jnp.zeros((0,), jnp.float32)
 
   def __call__(self, task: Task, key: jax.Array) -> TaskResult:
     task = Task(*(jnp.asarray(a) for a in task))

@@ -25,7 +25,7 @@ from fwdgrad import models
 from fwdgrad.data import sources
 
 TASK_KINDS = ("fewshot", "transfer")
-SPLITS = ("class", "class_and_group")
+SPLITS = ("class", "group", "class_and_group")
 FRONTENDS = ("none", "log_mel")
 
 METHOD_DEFAULTS = dict(
@@ -374,7 +374,10 @@ def validate_config(config) -> ml_collections.ConfigDict:
                      "'backbone' directory of an earlier run, or for model 'speech_embedding' the "
                      "pyopen-wakeword wheel or its embedding_model.tflite.")
   _check_tune_grid(full, full.methods)
-  if task.tuning_fraction or task.tune:
+  if task.tune and task.kind == "fewshot" and not task.split_sizes[1]:
+    raise ConfigError("config.task.tune draws a few-shot run's tuning episodes from the "
+                      "validation part, which is empty: set config.task.split_sizes[1] > 0.")
+  if task.tuning_fraction or (task.tune and task.kind == "transfer"):
     if task.kind != "transfer":
       raise ConfigError("config.task.tuning_fraction sets part of a transfer task's data aside "
                         "for tuning; few-shot tasks tune on validation classes "
@@ -471,10 +474,12 @@ def _check_data(data, where: str) -> None:
     _allowed(f"{where}.corruption", data.corruption, corruptions.CORRUPTIONS)
     _allowed(f"{where}.severity", data.severity, (1, 2, 3, 4, 5))
   path = data.kwargs.get("path")
-  if path is not None and not os.path.exists(os.path.expanduser(str(path))):
-    raise ConfigError(f"{where}.kwargs.path = {path!r} does not exist; point it at your copy of "
-                     f"the data (for the files shipped with the project, see the docstring of "
-                     "the config you run).")
+  paths = () if path is None else tuple(path) if isinstance(path, (list, tuple)) else (path,)
+  for one in paths:  # (A source may merge several folders or archives.)
+    if not os.path.exists(os.path.expanduser(str(one))):
+      raise ConfigError(f"{where}.kwargs.path = {one!r} does not exist; point it at your copy of "
+                        f"the data (for the files shipped with the project, see the docstring "
+                        "of the config you run).")
 
 
 def _check_method(where: str, method, adapt) -> None:

@@ -182,14 +182,9 @@ def make_splits(config) -> Splits:
     if tuning is not None:
       tuning = experiment.corrupt(tuning, config.data, seed=config.seed)
   if task.kind == "fewshot":
-    sizes = tuple(size for size in task.split_sizes if size)  # An empty validation part is fine.
-    if task.split_by == "class_and_group":
-      # Speakers (or alphabets) of pre-training never appear in the tasks, nor do their classes.
-      base, novel = episodes.split_classes_and_groups(data, sizes, tuple(task.group_split),
-                                                      seed=config.seed)
-    else:
-      parts = episodes.split_classes(data, sizes, seed=config.seed)
-      base, novel = parts[0], parts[-1]
+    base, validation, novel = _fewshot_parts(data, task, config.seed)
+    if task.tune:  # Tuning episodes come from the validation part, which no reported run sees.
+      novel = validation
     experiment.check_episodes(novel, task)
     source = base
     adapt_set, adapt_test = novel, None
@@ -206,6 +201,38 @@ def make_splits(config) -> Splits:
     pretrain, pretrain_val = dataset_lib.split_examples(source, config.pretrain.val_fraction,
                                                         seed=config.seed)
   return Splits(pretrain, pretrain_val, adapt_set, adapt_test)
+
+
+def _fewshot_parts(data, task, seed: int):
+  """``(base, validation or None, novel)`` parts of a few-shot dataset, disjoint in classes.
+
+  ``task.split_by`` is the unit cut: ``"class"``, ``"group"`` (whole alphabets or speakers, so
+  that no group of the tasks was seen in pre-training) or ``"class_and_group"`` (both). The
+  validation part is cut first with a fixed seed, the same for every ``seed``, so tuning on it
+  never touches the classes any seed's tasks are drawn from; ``seed`` cuts the rest.
+  """
+  base_size, validation_size, novel_size = tuple(task.split_sizes)
+  if task.split_by == "class_and_group":
+    if validation_size:
+      raise experiment.ConfigError(
+          "config.task.split_by = 'class_and_group' has no validation part: set "
+          "config.task.split_sizes[1] = 0 (or split by 'class' or 'group' to tune on one).")
+    # Speakers (or alphabets) of pre-training never appear in the tasks, nor do their classes.
+    base, novel = episodes.split_classes_and_groups(data, (base_size, novel_size),
+                                                    tuple(task.group_split), seed=seed)
+    return base, None, novel
+  split = episodes.split_groups if task.split_by == "group" else episodes.split_classes
+  validation = None
+  if validation_size:
+    units = np.unique(data.groups if task.split_by == "group" else data.labels).size
+    counted = isinstance(validation_size, (int, np.integer))
+    held = int(validation_size) if counted else int(round(validation_size * units))
+    validation, data = split(data, (held, units - held), seed=TUNING_SPLIT_SEED)
+    if not counted:  # The fractions of base and novel now apply to what is left.
+      base_size, novel_size = (base_size / (base_size + novel_size),
+                               novel_size / (base_size + novel_size))
+  base, novel = split(data, (base_size, novel_size), seed=seed)
+  return base, validation, novel
 
 
 def make_task(config, splits: Splits, index: int) -> adaptation.Task:

@@ -98,6 +98,38 @@ def test_the_tuning_part_is_the_same_for_every_seed_and_no_reported_run_sees_it(
   assert scored[0] != scored[1]  # The seeds still split the rest differently.
 
 
+@pytest.mark.parametrize("split_by", ["class", "group"])
+def test_fewshot_tuning_classes_are_the_same_for_every_seed_and_no_task_draws_from_them(split_by):
+  config = tiny_fewshot()
+  config.task.split_by = split_by
+  data = experiment.load_data(config.data, apply_corruption=False)
+  if split_by == "group":  # Digits have no groups: make five, two classes each.
+    data = data._replace(groups=data.labels // 2)
+    config.task.split_sizes = (2, 1, 2)
+  else:
+    config.task.split_sizes = (3, 2, 5)
+  validation_classes, novel_classes = [], []
+  for seed in (0, 1, 2):
+    base, validation, novel = train_lib._fewshot_parts(data, config.task, seed)
+    # Each part numbers its classes from 0: compare them by name.
+    validation_classes.append(set(validation.class_names))
+    novel_classes.append(set(novel.class_names))
+    assert not validation_classes[-1] & novel_classes[-1]
+    assert not set(base.class_names) & (validation_classes[-1] | novel_classes[-1])
+    if split_by == "group":  # Whole groups: no group is in two parts.
+      groups = [set(np.unique(part.groups)) for part in (base, validation, novel)]
+      assert not groups[0] & groups[1] and not groups[0] & groups[2] and not groups[1] & groups[2]
+  assert validation_classes[0] == validation_classes[1] == validation_classes[2]
+  assert len({frozenset(c) for c in novel_classes}) > 1  # The seeds still split the rest.
+
+
+def test_fewshot_tuning_without_a_validation_part_is_refused():
+  config = tiny_fewshot()
+  config.task.tune = True
+  with pytest.raises(experiment.ConfigError, match="split_sizes"):
+    experiment.validate_config(config)
+
+
 def test_a_tuning_run_tries_every_grid_point_and_records_the_best(tmp_path):
   config = tiny_quickstart()
   config.task.tuning_fraction = 0.4
