@@ -43,6 +43,7 @@ METHOD_KINDS = ("zero_shot", "backprop", "ff", "spsa", "qzo_ff")
 MODES = ("ft", "lp", "dvpt")
 HEADS = ("protonet", "simpleshot", "linear", "mlp3", "pretrained", "random")
 OPTIMIZERS = ("sgd", "momentum", "adam")
+OBJECTIVES = ("support", "views")
 _SIMPLESHOT_TEMPERATURE = 10.0
 
 
@@ -119,6 +120,28 @@ def make_transform(method, key: jax.Array,
                           axis=-1 if precision.per_channel else None,
                           weight_scale=weight_scale)
   raise ValueError(f"unknown method kind {kind!r}; expected one of {METHOD_KINDS}.")
+
+
+def augmented_views(inputs: jax.Array, key: jax.Array, *, axes=(1,), shift: float = 0.1,
+                    noise: float = 0.1) -> jax.Array:
+  """A random view of each example: circular shifts and additive Gaussian noise.
+
+  Each of ``axes`` (input axes, 0 is the batch) is rolled by its own random offset per example,
+  up to ``shift`` times its length either way; noise of ``noise`` times the standard deviation of
+  ``inputs`` is added. Views of a 1-shot support set are the pseudo-queries of the ``"views"``
+  objective: the episode loss then asks the backbone to keep a view nearer its own prototype than
+  the others, which is not satisfied by construction as the support set itself is.
+  """
+  keys = jax.random.split(key, len(axes) + 1)
+  out = inputs
+  for axis_key, axis in zip(keys, axes):
+    reach = int(round(shift * inputs.shape[axis]))
+    if reach:
+      offsets = jax.random.randint(axis_key, (inputs.shape[0],), -reach, reach + 1)
+      out = jax.vmap(lambda x, o, a=axis: jnp.roll(x, o, axis=a - 1))(out, offsets)
+  if noise:
+    out = out + (noise * jnp.std(inputs)) * jax.random.normal(keys[-1], inputs.shape, inputs.dtype)
+  return out
 
 
 def _trainable_scales(scales, frozen):
@@ -357,6 +380,12 @@ class Adapter:
       index = jax.random.choice(jax.random.fold_in(context["batch_key"], step), xs.shape[0],
                                 (size,), replace=False)
 
+    views = None
+    if self.config.get("objective", "support") == "views":  # The same views for every forward call of a step.
+      view_key = jax.random.fold_in(jax.random.fold_in(context["batch_key"], step), 1)
+      views = augmented_views(xs[index], view_key, axes=tuple(self.config.augment_axes),
+                              shift=self.config.augment_shift, noise=self.config.augment_noise)
+
     def value_fn(trainable):
       labels = ys[index]
       feats = self._features_of(context, frozen, trainable, xs, "support", index)
@@ -366,7 +395,11 @@ class Adapter:
           logits = logits / self._temperature(feats)
         return optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
       scale = 1.0 / self._temperature(feats)
-      return fewshot.episode_loss(feats, labels, feats, labels, self.num_classes, scale=scale,
+      queries = feats
+      if self.config.get("objective", "support") == "views":
+        queries = self.features(adapt.merge(trainable["backbone"], frozen), views,
+                                context["quant"])
+      return fewshot.episode_loss(feats, labels, queries, labels, self.num_classes, scale=scale,
                                   **self._episode_kwargs())
 
     if self.method.kind == "backprop":

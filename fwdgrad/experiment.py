@@ -220,6 +220,15 @@ def default_config() -> ml_collections.ConfigDict:
   config.adapt.eval_batch_size = 256
   config.adapt.head_hidden = 0        # LP-3 hidden width (0: the feature width)
   config.adapt.temperature = 0.0      # episode-loss temperature (0: automatic, see Adapter)
+  # What a ProtoNets / SimpleShot head's episode loss scores: "support" (the support set against
+  # its own prototypes) or "views" (a new random view of each support example per step, against
+  # the prototypes of the originals: at 1 shot "support" is degenerate, every example is its
+  # own prototype). A view shifts each of the augment_axes circularly by up to augment_shift of
+  # its length and adds Gaussian noise of augment_noise times the support set's deviation.
+  config.adapt.objective = "support"
+  config.adapt.augment_axes = (1,)    # (1,): time of (batch, time, mel); (1, 2): image rows, cols
+  config.adapt.augment_shift = 0.1
+  config.adapt.augment_noise = 0.1
   # Static scales of fixed-point methods (fwdgrad.models.calibrate): "max", "percentile", "mse",
   # from this many pre-training examples (the task's support set when there are none).
   config.adapt.calibration = "max"
@@ -325,6 +334,15 @@ def validate_config(config) -> ml_collections.ConfigDict:
   _allowed("config.adapt.mode", adapt.mode, adaptation.MODES)
   _allowed("config.adapt.head", adapt.head, adaptation.HEADS)
   _allowed("config.adapt.sparse_method", adapt.sparse_method, ("topk", "random"))
+  _allowed("config.adapt.objective", adapt.objective, adaptation.OBJECTIVES)
+  if adapt.objective == "views":
+    if adapt.head not in ("protonet", "simpleshot") or adapt.mode == "lp":
+      raise ConfigError("config.adapt.objective = 'views' trains a backbone with the episode "
+                        "loss: it needs config.adapt.head 'protonet' or 'simpleshot' and mode "
+                        f"'ft' or 'dvpt' (got head {adapt.head!r}, mode {adapt.mode!r}).")
+    if not adapt.augment_axes or any(int(a) < 1 for a in adapt.augment_axes):
+      raise ConfigError(f"config.adapt.augment_axes = {tuple(adapt.augment_axes)} must name "
+                        "input axes after the batch axis (1 for time or image rows).")
   _allowed("config.pretrain.optimizer", full.pretrain.optimizer, adaptation.OPTIMIZERS)
   _check_ranges(full)
   for field in ("ways", "shots", "num_tasks"):
@@ -433,6 +451,8 @@ def _check_ranges(full) -> None:
   _number("config.adapt.head_hidden", adapt.head_hidden, 0, integer=True,
           hint="(0: the feature width)")
   _number("config.adapt.temperature", adapt.temperature, 0.0, hint="(0: automatic)")
+  _number("config.adapt.augment_shift", adapt.augment_shift, 0.0, 1.0, open_high=True)
+  _number("config.adapt.augment_noise", adapt.augment_noise, 0.0)
   for where, data in (("config.data", full.data), ("config.pretrain.data", full.pretrain.data)):
     _number(f"{where}.max_examples", data.max_examples, 0, integer=True, hint="(0: all)")
   if task.kind == "transfer":

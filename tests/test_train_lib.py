@@ -483,3 +483,64 @@ def test_tiny_run_with_every_enhancement(tmp_path):
     assert 0.0 <= results[name]["accuracy"] <= 1.0
     row = json.loads(open(tmp_path / "tasks" / f"{name}.jsonl").readline())
     assert len(row["losses"]) == config.adapt.steps and np.all(np.isfinite(row["losses"]))
+
+
+def _one_shot_task():
+  rng = np.random.RandomState(0)
+  inputs = rng.rand(20, 16, 16, 1).astype(np.float32)
+  return adaptation.Task(inputs[:5], np.arange(5), inputs[5:], np.repeat(np.arange(5), 3))
+
+
+def test_augmented_views_shift_within_reach_and_add_scaled_noise():
+  inputs = jnp.arange(2 * 10 * 3, dtype=jnp.float32).reshape(2, 10, 3)
+  views = adaptation.augmented_views(inputs, jax.random.key(0), axes=(1,), shift=0.2, noise=0.0)
+  for x, v in zip(np.asarray(inputs), np.asarray(views)):  # Rolled rows, columns untouched.
+    assert any(np.array_equal(np.roll(x, k, axis=0), v) for k in range(-2, 3))
+  noisy = adaptation.augmented_views(inputs, jax.random.key(0), axes=(1,), shift=0.0, noise=0.5)
+  np.testing.assert_allclose(np.std(noisy - inputs), 0.5 * np.std(inputs), rtol=0.3)
+
+
+def test_one_shot_episode_loss_on_views_is_not_degenerate():
+  """At 1 shot the support set scores itself perfectly at any weights: the 'support' objective
+  only spreads the prototypes; the views objective is a loss the backbone has to earn."""
+  config = experiment.default_config()
+  config.adapt.head, config.adapt.augment_axes = "protonet", (1, 2)
+  model = models.get_model("conv4", num_classes=None, features=(8, 8, 8, 8))
+  task = _one_shot_task()
+  variables = model.init(jax.random.key(0), task.support_inputs[:1])
+  method = experiment.method("backprop", learning_rate=1e-2, optimizer="adam", steps=15)
+  losses = {}
+  for objective in ("support", "views"):
+    config.adapt.objective = objective
+    adapter = adaptation.Adapter("conv4", dict(features=(8, 8, 8, 8)), variables, method,
+                                 config.adapt, 5, 0)
+    losses[objective] = adapter(task, jax.random.key(1)).losses
+  # Each example is its own prototype: the support loss goes to 0 whatever the features mean.
+  assert losses["support"][-1] < 0.05
+  assert losses["views"][-1] > 5 * losses["support"][-1]
+  assert losses["views"][-5:].mean() < losses["views"][0]  # And still lowers it.
+
+
+def test_views_objective_needs_an_episode_head_on_a_trained_backbone():
+  config = tiny_fewshot()
+  config.adapt.objective = "views"
+  config.adapt.mode, config.adapt.head = "lp", "linear"
+  with pytest.raises(experiment.ConfigError, match="objective = 'views'"):
+    experiment.validate_config(config)
+
+
+def test_backprop_stepping_from_python_is_the_scanned_program():
+  config = experiment.default_config()
+  model = models.get_model("conv4", num_classes=None, features=(8, 8, 8, 8))
+  task = _one_shot_task()
+  variables = model.init(jax.random.key(0), task.support_inputs[:1])
+  method = experiment.method("backprop", learning_rate=1e-2, optimizer="adam", steps=5)
+  adapter = adaptation.Adapter("conv4", dict(features=(8, 8, 8, 8)), variables, method,
+                               config.adapt, 5, 0)
+  assert adapter._run == adapter._adapt_and_evaluate_stepwise
+  stepwise = adapter(task, jax.random.key(1))
+  scanned = jax.jit(adapter._adapt_and_evaluate)(adapter.trainable_backbone, adapter.frozen,
+                                                 adaptation.Task(*map(jnp.asarray, task)),
+                                                 jax.random.key(1))
+  np.testing.assert_allclose(stepwise.losses, scanned[1], rtol=1e-4, atol=1e-6)
+  np.testing.assert_allclose(stepwise.accuracy, scanned[0])
