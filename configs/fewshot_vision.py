@@ -1,11 +1,21 @@
-"""Vision few-shot (the paper's Table 1 setting): 5-way 5-shot, ProtoNets head, 100 test tasks.
+"""Vision few-shot (the paper's Table 1 setting): 5-way 5-shot, ProtoNets head, 100 test tasks,
+full fine-tuning of the backbone with the episode loss on the support set.
 
   FWDGRAD_DATA_DIR=/path/to/data python train.py --config configs/fewshot_vision.py \
       --workdir workdirs/fewshot_vision
 
-Offline default: Omniglot ("background small 1", 28x28, alphabet/character/*.png, zipped) at
-``$FWDGRAD_DATA_DIR/omniglot/images_background_small1.zip``; a Conv4 backbone is pre-trained with
-backprop on 60% of the characters and adapted to episodes drawn from the other 40%.
+Offline default, cross-domain: a Conv4 (32 channels) is pre-trained with backprop on clean
+Fashion-MNIST (clothing; the 60k training split of Debian's ``dataset-fashion-mnist`` at
+``/usr/share/datasets/fashion-mnist``) and adapted to 5-way 5-shot episodes of handwritten
+characters: Omniglot, both "background small" sets (28x28, ``alphabet/character/*.png``, zipped) at
+``$FWDGRAD_DATA_DIR/omniglot/images_background_small{1,2}.zip``: 8 alphabets, 242 characters. One
+alphabet, the same for every seed, is set aside for tuning (``--config.task.tune=True`` draws its
+episodes there); the tasks are drawn from the other seven. Zero-shot is ProtoNets on the
+pre-trained features of the support set.
+
+Variants: ``indomain`` pre-trains on the characters of 4 alphabets and draws the tasks from 3
+others (alphabet-disjoint; one more alphabet for tuning); ``tiny`` is the pipeline at a size for
+tests (with ``indomain``: ``indomain_tiny``).
 
 The paper's datasets, for users who have them (override on the command line):
   CIFAR-FS (CIFAR-100 few-shot split, 32x32):  --config.data.source=tfds:cifar100
@@ -13,45 +23,67 @@ The paper's datasets, for users who have them (override on the command line):
   CUB / miniImageNet / tieredImageNet (84x84):  --config.data.source=image_folder
       --config.data.kwargs="{'path': '/path/to/images', 'image_size': 84, 'channels': 3}"
       --config.model.name=resnet12   (or resnet18 / vit_tiny with model.kwargs.image_size=84)
-Variants: ``get_config("lp")`` trains an LP-1 head instead of the whole backbone;
-``get_config("tiny")`` is the pipeline at a size for tests.
+Learning rates come from ``--config.task.tune=True`` runs over ``config.tune_grid``
+(docs/RESULTS.md has the commands and tables).
 """
 
 from fwdgrad import experiment
 
+FASHION_MNIST = "/usr/share/datasets/fashion-mnist"
+MAIN = ("zero_shot", "zero_shot_16w8a", "backprop", "ff", "spsa", "qzo_ff_16w8a", "qzo_ff_8w8a")
+
 
 def get_config(arg=None):
-  experiment.config_variant(arg, ("lp", "tiny"), "configs/fewshot_vision.py")
+  variants = experiment.config_variant(arg, ("indomain", "tiny"), "configs/fewshot_vision.py",
+                                       combinable=True)
   config = experiment.default_config()
   config.data.source = "omniglot"
-  config.data.kwargs = dict(path=experiment.data_dir("omniglot", "images_background_small1.zip"))
+  config.data.kwargs = dict(path=(experiment.data_dir("omniglot", "images_background_small1.zip"),
+                                  experiment.data_dir("omniglot", "images_background_small2.zip")))
+  config.pretrain.data.source = "idx"
+  config.pretrain.data.kwargs = dict(path=FASHION_MNIST, split="train")
+  config.pretrain.val_fraction = 0.05
+  config.pretrain.min_val_accuracy = 0.85
   config.model.name = "conv4"
+  config.model.kwargs = dict(features=(32, 32, 32, 32))
   config.pretrain.steps = 1000
   config.pretrain.batch_size = 128
   config.pretrain.learning_rate = 3e-3
-  config.pretrain.log_every = 50
-  config.pretrain.checkpoint_every = 200
-  config.task.split_sizes = (0.6, 0.0, 0.4)
+  config.pretrain.log_every = 100
+  config.pretrain.checkpoint_every = 500
+  # Whole alphabets: (no base part: pre-trained on Fashion-MNIST, 1 alphabet for tuning, the rest).
+  config.task.split_by = "group"
+  config.task.split_sizes = (0, 1, 7)
   config.task.ways = 5
   config.task.shots = 5
   config.task.queries = 15
   config.task.num_tasks = 100
   config.adapt.mode = "ft"
   config.adapt.head = "protonet"
-  config.adapt.steps = 30
-  config.methods = dict(
-      zero_shot=experiment.method("zero_shot"),
-      # What fixed-point inference alone costs: the same ProtoNets classifier, backbone at 16w8a.
-      zero_shot_16w8a=experiment.method("zero_shot", precision="16w8a"),
-      backprop=experiment.method("backprop", learning_rate=1e-3, optimizer="adam"),
-      ff=experiment.method("ff", learning_rate=1e-2, num_directions=3, optimizer="sgd"),
-      qzo_ff_16w8a=experiment.method("qzo_ff", precision="16w8a", learning_rate=1e-3, num_directions=3),
-      qzo_ff_8w8a=experiment.method("qzo_ff", precision="8w8a", learning_rate=1e-3, num_directions=3),
+  config.adapt.steps = 100
+  # The best point of each method's row of config.tune_grid (a config.task.tune run).
+  config.methods = experiment.paper_methods(
+      learning_rate=1e-2, backprop_learning_rate=1e-3, backprop_steps=30)
+  config.methods = {name: config.methods[name] for name in MAIN}
+  config.methods["qzo_ff_8w8a"].epsilon = 4e-3
+  lrs = (1e-3, 3e-3, 1e-2, 3e-2)
+  config.tune_grid = dict(
+      backprop=dict(learning_rate=(3e-4, 1e-3, 3e-3), steps=(30, 100)),
+      ff=dict(learning_rate=lrs),
+      spsa=dict(learning_rate=lrs),
+      qzo_ff_16w8a=dict(learning_rate=lrs),
+      qzo_ff_8w8a=dict(learning_rate=lrs, epsilon=(1e-3, 4e-3)),
   )
-  if arg == "lp":
-    config.adapt.mode = "lp"
-    config.adapt.head = "linear"
-  if arg == "tiny":
+  if "indomain" in variants:
+    config.pretrain.data.source = ""  # Pre-train on the base alphabets' characters.
+    config.pretrain.val_fraction = 0.1
+    config.pretrain.min_val_accuracy = 0.6
+    config.task.split_sizes = (4, 1, 3)
+  if "tiny" in variants:
     experiment.shrink_for_tests(config)
+    config.pretrain.data.max_examples = 400
+    config.pretrain.min_val_accuracy = 0.0
     config.model.kwargs = dict(features=(8, 8, 8, 8))
+    config.tune_grid = {name: {field: values[:2] for field, values in grid.items()}
+                        for name, grid in config.tune_grid.items()}
   return config

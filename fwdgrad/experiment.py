@@ -392,6 +392,11 @@ def validate_config(config) -> ml_collections.ConfigDict:
                      "'backbone' directory of an earlier run, or for model 'speech_embedding' the "
                      "pyopen-wakeword wheel or its embedding_model.tflite.")
   _check_tune_grid(full, full.methods)
+  if (task.kind == "fewshot" and not task.split_sizes[0]
+      and not (full.pretrain.data.source or full.pretrain.init_checkpoint)):
+    raise ConfigError("config.task.split_sizes[0] = 0 leaves no base classes to pre-train on: "
+                      "set config.pretrain.data.source (pre-train on another dataset) or "
+                      "config.pretrain.init_checkpoint, or give the base part classes.")
   if task.tune and task.kind == "fewshot" and not task.split_sizes[1]:
     raise ConfigError("config.task.tune draws a few-shot run's tuning episodes from the "
                       "validation part, which is empty: set config.task.split_sizes[1] > 0.")
@@ -461,7 +466,10 @@ def _check_ranges(full) -> None:
     _number("config.task.train_examples", task.train_examples, 0, integer=True,
             hint="(0: all)")
   else:
-    _check_sizes("config.task.split_sizes", tuple(task.split_sizes), "classes", (0, 2))
+    # Pre-trained on another dataset, a few-shot task needs no base part.
+    elsewhere = full.pretrain.data.source or full.pretrain.init_checkpoint
+    _check_sizes("config.task.split_sizes", tuple(task.split_sizes), "classes",
+                 (2,) if elsewhere else (0, 2))
     if task.split_by == "class_and_group":
       _check_sizes("config.task.group_split", tuple(task.group_split), "groups", (0, 1))
 

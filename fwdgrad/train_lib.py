@@ -231,6 +231,8 @@ def _fewshot_parts(data, task, seed: int):
     if not counted:  # The fractions of base and novel now apply to what is left.
       base_size, novel_size = (base_size / (base_size + novel_size),
                                novel_size / (base_size + novel_size))
+  if not base_size:  # Pre-trained on another dataset: the tasks draw from all that is left.
+    return None, validation, data
   base, novel = split(data, (base_size, novel_size), seed=seed)
   return base, validation, novel
 

@@ -16,27 +16,35 @@ CONFIGS = sorted(os.path.basename(p)[:-3] for p in glob.glob(os.path.join(REPO, 
                  if os.path.basename(p) != "landscape.py")
 DATA_DIR = os.environ.get("FWDGRAD_DATA_DIR", os.path.join(REPO, "..", "shared", "data"))
 # (config, variant) pairs run end to end; every variant named in a config docstring is covered.
-TINY_RUNS = [("quickstart", "tiny"), ("fewshot_vision", "tiny"), ("fewshot_audio", "tiny"),
+TINY_RUNS = [("quickstart", "tiny"), ("fewshot_vision", "tiny"), ("fewshot_vision", "indomain_tiny"),
+             ("fewshot_audio", "tiny"),
              ("cross_domain", "tiny"), ("cross_domain", "tiny_dvpt"), ("ood", "tiny"),
              ("ood", "tiny_sparse_lp3"), ("ood_fashion", "tiny")]
 
 
 def _with_local_data(config):
   """Points the config's ``data/`` paths at the local data directory."""
+  def local(path):
+    if path.startswith("data" + os.sep):
+      return os.path.join(DATA_DIR, path[len("data" + os.sep):])
+    return path
   for data in (config.data, config.pretrain.data):
     path = data.kwargs.get("path")
-    if path and path.startswith("data" + os.sep):
-      data.kwargs.path = os.path.join(DATA_DIR, path[len("data" + os.sep):])
+    if isinstance(path, (list, tuple)):  # A source merging several folders or archives.
+      data.kwargs.path = tuple(local(p) for p in path)
+    elif path:
+      data.kwargs.path = local(path)
   return config
 
 
 def _require_data(config):
   for data in (config.data, config.pretrain.data):
     path = data.kwargs.get("path")
-    if path and not os.path.exists(path):
-      if os.environ.get("CI") == "true":
-        pytest.fail(f"CI must provide {path}")
-      pytest.skip(f"{path} is not on this machine (see the config's docstring)")
+    for one in path if isinstance(path, (list, tuple)) else (path,) if path else ():
+      if not os.path.exists(one):
+        if os.environ.get("CI") == "true":
+          pytest.fail(f"CI must provide {one}")
+        pytest.skip(f"{one} is not on this machine (see the config's docstring)")
 
 
 def test_there_is_a_config_per_experiment():
@@ -69,7 +77,7 @@ def test_config_runs_end_to_end_at_a_tiny_size(name, arg, tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("name", ["ood_fashion", "cross_domain"])
+@pytest.mark.parametrize("name", ["ood_fashion", "cross_domain", "fewshot_vision"])
 def test_adaptation_lowers_the_training_loss_on_the_evidence_configs(name, tmp_path):
   """The experiment configs' pipelines train: BP and QZO-FF 16w8a lower the task loss."""
   config = _with_local_data(load_config(name, "tiny"))
@@ -78,10 +86,21 @@ def test_adaptation_lowers_the_training_loss_on_the_evidence_configs(name, tmp_p
   config.adapt.steps = 60
   config.task.num_tasks = 1
   config.methods = {key: config.methods[key] for key in ("zero_shot", "backprop", "qzo_ff_16w8a")}
-  config.methods["backprop"].learning_rate = 1e-2
-  config.methods["qzo_ff_16w8a"].learning_rate = 1e-2
+  for method in ("backprop", "qzo_ff_16w8a"):
+    config.methods[method].learning_rate = 1e-2
+    config.methods[method].steps = 60
   train_lib.train_and_evaluate(config, str(tmp_path))
   for method in ("backprop", "qzo_ff_16w8a"):
     losses = reporting.read_metrics(tmp_path / "tasks" / f"{method}.jsonl")[0]["losses"]
     assert len(losses) == 60
     assert sum(losses[-10:]) / 10 < 0.9 * losses[0], (method, losses[0], losses[-10:])
+
+
+@pytest.mark.slow
+def test_the_quickstart_default_run_shows_the_method_working(tmp_path):
+  """The README's main job: headroom, FF and QZO-FF 16w8a near backprop, 8w8a behind 16w8a."""
+  results = train_lib.train_and_evaluate(load_config("quickstart"), str(tmp_path))
+  acc = {name: 100 * row["accuracy"] for name, row in results.items()}
+  assert acc["backprop"] - acc["zero_shot"] >= 10
+  assert acc["backprop"] - acc["ff"] <= 3 and acc["backprop"] - acc["qzo_ff_16w8a"] <= 3
+  assert acc["qzo_ff_16w8a"] - acc["qzo_ff_8w8a"] >= 10
