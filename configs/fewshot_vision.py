@@ -63,9 +63,9 @@ def get_config(arg=None):
   config.adapt.steps = 100
   # The best point of each method's row of config.tune_grid (a config.task.tune run).
   config.methods = experiment.paper_methods(
-      learning_rate=1e-2, backprop_learning_rate=1e-3, backprop_steps=30)
+      learning_rate=1e-2, backprop_learning_rate=3e-3, backprop_steps=100,
+      ff=dict(learning_rate=3e-3), qzo_ff_8w8a=dict(epsilon=4e-3))
   config.methods = {name: config.methods[name] for name in MAIN}
-  config.methods["qzo_ff_8w8a"].epsilon = 4e-3
   lrs = (1e-3, 3e-3, 1e-2, 3e-2)
   config.tune_grid = dict(
       backprop=dict(learning_rate=(3e-4, 1e-3, 3e-3), steps=(30, 100)),
