@@ -170,8 +170,10 @@ def default_config() -> ml_collections.ConfigDict:
 
   config.task = ml_collections.ConfigDict()
   config.task.kind = "fewshot"
-  config.task.split_by = "class"
-  config.task.split_sizes = (0.5, 0.0, 0.5)  # base / validation / novel classes
+  config.task.split_by = "class"             # or "group" (whole alphabets / speakers), or both
+  # Base / validation / novel classes (groups when split by group); validation: config.task.tune's
+  # episodes, the same for every seed; base 0: pre-trained on config.pretrain.data instead.
+  config.task.split_sizes = (0.5, 0.0, 0.5)
   config.task.group_split = (0.5, 0.5)       # pre-training / task groups (class_and_group)
   config.task.ways = 5
   config.task.shots = 5
