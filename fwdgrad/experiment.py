@@ -174,7 +174,9 @@ def default_config() -> ml_collections.ConfigDict:
   # Base / validation / novel classes (groups when split by group); validation: config.task.tune's
   # episodes, the same for every seed; base 0: pre-trained on config.pretrain.data instead.
   config.task.split_sizes = (0.5, 0.0, 0.5)
-  config.task.group_split = (0.5, 0.5)       # pre-training / task groups (class_and_group)
+  # class_and_group: pre-training / task groups, or pre-training / tuning / task groups (the
+  # tuning groups, the same for every seed, give config.task.tune's episodes).
+  config.task.group_split = (0.5, 0.5)
   config.task.ways = 5
   config.task.shots = 5
   config.task.queries = 15
@@ -399,9 +401,14 @@ def validate_config(config) -> ml_collections.ConfigDict:
     raise ConfigError("config.task.split_sizes[0] = 0 leaves no base classes to pre-train on: "
                       "set config.pretrain.data.source (pre-train on another dataset) or "
                       "config.pretrain.init_checkpoint, or give the base part classes.")
-  if task.tune and task.kind == "fewshot" and not task.split_sizes[1]:
-    raise ConfigError("config.task.tune draws a few-shot run's tuning episodes from the "
-                      "validation part, which is empty: set config.task.split_sizes[1] > 0.")
+  if task.tune and task.kind == "fewshot":
+    if task.split_by == "class_and_group" and len(tuple(task.group_split)) != 3:
+      raise ConfigError("config.task.tune draws a class-and-group split's tuning episodes from "
+                        "held-out groups: give config.task.group_split three parts "
+                        "(pre-training, tuning, task groups), e.g. (2, 1, 3).")
+    if task.split_by != "class_and_group" and not task.split_sizes[1]:
+      raise ConfigError("config.task.tune draws a few-shot run's tuning episodes from the "
+                        "validation part, which is empty: set config.task.split_sizes[1] > 0.")
   if task.tuning_fraction or (task.tune and task.kind == "transfer"):
     if task.kind != "transfer":
       raise ConfigError("config.task.tuning_fraction sets part of a transfer task's data aside "
@@ -473,7 +480,11 @@ def _check_ranges(full) -> None:
     _check_sizes("config.task.split_sizes", tuple(task.split_sizes), "classes",
                  (2,) if elsewhere else (0, 2))
     if task.split_by == "class_and_group":
-      _check_sizes("config.task.group_split", tuple(task.group_split), "groups", (0, 1))
+      groups = tuple(task.group_split)
+      if len(groups) not in (2, 3):
+        raise ConfigError(f"config.task.group_split = {groups} must give (pre-training, task) "
+                          "groups, or (pre-training, tuning, task) groups.")
+      _check_sizes("config.task.group_split", groups, "groups", tuple(range(len(groups))))
 
 
 def _check_sizes(what: str, sizes: tuple, unit: str, needed: tuple) -> None:

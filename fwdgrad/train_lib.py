@@ -215,12 +215,31 @@ def _fewshot_parts(data, task, seed: int):
   if task.split_by == "class_and_group":
     if validation_size:
       raise experiment.ConfigError(
-          "config.task.split_by = 'class_and_group' has no validation part: set "
-          "config.task.split_sizes[1] = 0 (or split by 'class' or 'group' to tune on one).")
+          "config.task.split_by = 'class_and_group' tunes on held-out groups, not classes: set "
+          "config.task.split_sizes[1] = 0 and config.task.group_split to three parts "
+          "(pre-training, tuning, task groups).")
+    group_sizes = tuple(task.group_split)
+    validation = None
+    if len(group_sizes) == 3:
+      # Whole groups (speakers) for tuning, the same for every seed; the tasks never hear them.
+      units = np.unique(data.groups).size
+      counted = all(isinstance(size, (int, np.integer)) for size in group_sizes)
+      held = int(group_sizes[1]) if counted else int(round(group_sizes[1] * units))
+      if not held:
+        raise experiment.ConfigError(f"config.task.group_split = {group_sizes} holds out no "
+                                     "group for tuning; give its middle part at least one.")
+      tuning, data = episodes.split_groups(data, (held, units - held), seed=TUNING_SPLIT_SEED)
+      rest = (group_sizes[0], group_sizes[2])
+      group_sizes = rest if counted else tuple(size / sum(rest) for size in rest)
     # Speakers (or alphabets) of pre-training never appear in the tasks, nor do their classes.
-    base, novel = episodes.split_classes_and_groups(data, (base_size, novel_size),
-                                                    tuple(task.group_split), seed=seed)
-    return base, None, novel
+    base, novel = episodes.split_classes_and_groups(data, (base_size, novel_size), group_sizes,
+                                                    seed=seed)
+    if len(tuple(task.group_split)) == 3:
+      # The tuning groups' examples of the task classes: new classes, as in the tasks.
+      novel_names = set(novel.class_names)
+      keep = np.isin(np.asarray(tuning.class_names)[tuning.labels], sorted(novel_names))
+      validation = dataset_lib.subset(tuning, np.flatnonzero(keep), relabel=True)
+    return base, validation, novel
   split = episodes.split_groups if task.split_by == "group" else episodes.split_classes
   validation = None
   if validation_size:

@@ -544,3 +544,26 @@ def test_backprop_stepping_from_python_is_the_scanned_program():
                                                  jax.random.key(1))
   np.testing.assert_allclose(stepwise.losses, scanned[1], rtol=1e-4, atol=1e-6)
   np.testing.assert_allclose(stepwise.accuracy, scanned[0])
+
+
+def test_class_and_group_tuning_holds_out_the_same_speakers_for_every_seed():
+  config = tiny_fewshot()
+  config.task.split_by = "class_and_group"
+  config.task.split_sizes = (5, 0, 5)
+  config.task.group_split = (2, 1, 3)
+  data = experiment.load_data(config.data, apply_corruption=False)
+  data = data._replace(groups=np.arange(data.num_examples) % 6)  # Six "speakers".
+  held = []
+  for seed in (0, 1, 2):
+    base, validation, novel = train_lib._fewshot_parts(data, config.task, seed)
+    tuning_groups = set(np.unique(validation.groups))
+    held.append(tuning_groups)
+    assert len(tuning_groups) == 1
+    assert not tuning_groups & (set(np.unique(base.groups)) | set(np.unique(novel.groups)))
+    assert set(validation.class_names) == set(novel.class_names)  # New classes, as the tasks.
+    assert not set(base.class_names) & set(novel.class_names)
+  assert held[0] == held[1] == held[2]
+  config.task.group_split = (0.5, 0.5)
+  config.task.tune = True
+  with pytest.raises(experiment.ConfigError, match="three parts"):
+    experiment.validate_config(config)
