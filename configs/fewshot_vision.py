@@ -14,8 +14,9 @@ episodes there); the tasks are drawn from the other seven. Zero-shot is ProtoNet
 pre-trained features of the support set.
 
 Variants: ``indomain`` pre-trains on the characters of 4 alphabets and draws the tasks from 3
-others (alphabet-disjoint; one more alphabet for tuning); ``tiny`` is the pipeline at a size for
-tests (with ``indomain``: ``indomain_tiny``).
+others (alphabet-disjoint; one more alphabet for tuning); ``steps`` is a tuning run of
+sign-m-SPSA and QZO-FF 16w8a at 100 / 300 / 1,000 steps (with ``--config.task.tune=True``);
+``tiny`` is the pipeline at a size for tests (with ``indomain``: ``indomain_tiny``).
 
 The paper's datasets, for users who have them (override on the command line):
   CIFAR-FS (CIFAR-100 few-shot split, 32x32):  --config.data.source=tfds:cifar100
@@ -34,7 +35,7 @@ MAIN = ("zero_shot", "zero_shot_16w8a", "backprop", "ff", "spsa", "qzo_ff_16w8a"
 
 
 def get_config(arg=None):
-  variants = experiment.config_variant(arg, ("indomain", "tiny"), "configs/fewshot_vision.py",
+  variants = experiment.config_variant(arg, ("indomain", "steps", "tiny"), "configs/fewshot_vision.py",
                                        combinable=True)
   config = experiment.default_config()
   config.data.source = "omniglot"
@@ -74,6 +75,10 @@ def get_config(arg=None):
       qzo_ff_16w8a=dict(learning_rate=lrs),
       qzo_ff_8w8a=dict(learning_rate=lrs, epsilon=(1e-3, 4e-3)),
   )
+  if "steps" in variants:  # What more steps buy the forward gradients (a tuning run).
+    config.methods = {name: config.methods[name] for name in ("zero_shot", "spsa", "qzo_ff_16w8a")}
+    config.tune_grid = dict(spsa=dict(learning_rate=(3e-3, 1e-2), steps=(100, 300, 1000)),
+                            qzo_ff_16w8a=dict(learning_rate=(3e-3, 1e-2), steps=(300,)))
   if "indomain" in variants:
     config.pretrain.data.source = ""  # Pre-train on the base alphabets' characters.
     config.pretrain.val_fraction = 0.1

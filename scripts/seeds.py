@@ -21,6 +21,7 @@ from fwdgrad.data import mean_confidence_interval  # pylint: disable=g-import-no
 
 # The paper's comparisons: (row, against, what it measures).
 PAIRS = (
+    ("zero_shot_16w8a", "zero_shot", "what fixed-point inference alone costs (zero-shot at 16w8a)"),
     ("qzo_ff_16w8a", "spsa", "16w8a against float (the same sign-m-SPSA estimator)"),
     ("qzo_ff_16w8a", "ff", "16w8a against float FF (jvp)"),
     ("qzo_ff_8w8a", "qzo_ff_16w8a", "8w8a against 16w8a"),
