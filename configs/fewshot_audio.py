@@ -19,7 +19,8 @@ usual objective (the support set as its own queries) is degenerate: every exampl
 prototype, the loss falls to 0 by spreading the prototypes, and nothing about the classes is
 learnt; a view has to stay nearer its own prototype than the others.
 
-Variants (joined by ``_``): ``shot1`` is 5-way 1-shot (the paper's); ``embedding`` adapts the real
+Variants (joined by ``_``): ``shot1`` is 5-way 1-shot (the paper's); ``steps`` is a tuning run of
+FF and sign-m-SPSA at 300 steps (with ``--config.task.tune=True``); ``embedding`` adapts the real
 pre-trained openWakeWord speech embedding instead of the CRNN (no pre-training): set
 ``FWDGRAD_OPENWAKEWORD_DIR`` to a directory holding the ``pyopen-wakeword==1.1.0`` wheel (``pip
 download --no-deps pyopen-wakeword==1.1.0 -d DIR``); ``tiny`` is the pipeline at a size for tests.
@@ -35,7 +36,7 @@ from fwdgrad import experiment
 
 
 def get_config(arg=None):
-  variants = experiment.config_variant(arg, ("shot1", "embedding", "tiny"),
+  variants = experiment.config_variant(arg, ("shot1", "embedding", "steps", "tiny"),
                                        "configs/fewshot_audio.py", combinable=True)
   config = experiment.default_config()
   config.data.source = "wav_folder"
@@ -76,6 +77,10 @@ def get_config(arg=None):
   config.tune_grid = dict(backprop=dict(learning_rate=lrs), ff=dict(learning_rate=lrs),
                           spsa=dict(learning_rate=lrs), qzo_ff_16w8a=dict(learning_rate=lrs),
                           qzo_ff_8w8a=dict(learning_rate=lrs))
+  if "steps" in variants:  # What 10x the steps buys the forward gradients (a tuning run).
+    config.methods = {name: config.methods[name] for name in ("zero_shot", "ff", "spsa")}
+    config.tune_grid = dict(ff=dict(learning_rate=(1e-3,), steps=(300,)),
+                            spsa=dict(learning_rate=(1e-3,), steps=(300,)))
   if "shot1" in variants:
     config.task.shots = 1
   if "embedding" in variants:
