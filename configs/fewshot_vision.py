@@ -35,8 +35,8 @@ MAIN = ("zero_shot", "zero_shot_16w8a", "backprop", "ff", "spsa", "qzo_ff_16w8a"
 
 
 def get_config(arg=None):
-  variants = experiment.config_variant(arg, ("indomain", "steps", "tiny"), "configs/fewshot_vision.py",
-                                       combinable=True)
+  variants = experiment.config_variant(arg, ("indomain", "steps", "tiny"),
+                                       "configs/fewshot_vision.py", combinable=True)
   config = experiment.default_config()
   config.data.source = "omniglot"
   config.data.kwargs = dict(path=(experiment.data_dir("omniglot", "images_background_small1.zip"),

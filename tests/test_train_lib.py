@@ -348,9 +348,12 @@ def test_bad_methods_are_caught():
 
 def test_missing_data_path_stops_before_any_work(tmp_path):
   config = load_config("fewshot_vision", "tiny")
-  # The default reads two archives (a tuple); one missing is enough to stop.
-  config.data.kwargs.path = (str(tmp_path / "nowhere" / "omniglot.zip"),)
-  with pytest.raises(ValueError, match=r"config\.data\.kwargs\.path = .* does not exist"):
+  # The default reads two archives (a tuple): the missing one stops the run, not only the first.
+  present = tmp_path / "images_background_small1.zip"
+  present.write_bytes(b"")
+  config.data.kwargs.path = (str(present), str(tmp_path / "nowhere" / "omniglot.zip"))
+  with pytest.raises(ValueError,
+                     match=r"config\.data\.kwargs\.path = .*nowhere.* does not exist"):
     train_lib.train_and_evaluate(config, str(tmp_path / "work"))
   assert not os.path.exists(tmp_path / "work")
 
