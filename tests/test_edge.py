@@ -194,3 +194,115 @@ def test_the_edge_command_adapts_the_quickstart_model_on_the_engine(tmp_path, mo
   with pytest.raises(SystemExit):
     edge_main.main(["--config", "configs/quickstart.py:tiny", "--workdir", str(tmp_path),
                     "--method", "backprop"])
+
+
+# ResNet12, the GRU CRNN and the speech embedding: small networks with random BatchNorm statistics
+# (and negative γ), so every folding, leaky ReLU, residual sum, pool and gate table is exercised.
+BACKBONES = {
+    "resnet12": (dict(widths=(4, 8)), (6, 16, 16, 3)),
+    "crnn": (dict(conv_features=(4, 8), pool_sizes=((2, 2), (2, 2)), rnn_features=6), (6, 24, 16)),
+    "speech_embedding": ({}, (4, 76, 32)),
+}
+
+
+def _calibrated_backbone(name, precision, key=0):
+  kwargs, shape = BACKBONES[name]
+  model = models.get_model(name, num_classes=4, precision=precision, **kwargs)
+  x = jax.random.normal(jax.random.key(key), shape) * 0.5 + (2.0 if name == "speech_embedding"
+                                                             else 0.0)
+  variables = dict(model.init(jax.random.key(key + 1), x[:1]))
+  rng = np.random.default_rng(key)
+  if "batch_stats" in variables:
+    variables["batch_stats"] = jax.tree.map(
+        lambda v: jnp.asarray(rng.uniform(0.5, 2.0, v.shape), jnp.float32), variables["batch_stats"])
+
+  def randomize(path, leaf):
+    if jax.tree_util.keystr(path).endswith("['scale']"):  # BatchNorm γ, some negative.
+      return jnp.asarray(rng.uniform(-1.5, 1.5, leaf.shape), jnp.float32)
+    if jax.tree_util.keystr(path).endswith("['bias']"):
+      return jnp.asarray(rng.normal(0, 0.3, leaf.shape), jnp.float32)
+    return leaf
+  variables["params"] = jax.tree_util.tree_map_with_path(randomize, variables["params"])
+  variables = models.calibrate(model, variables, x)
+  return model, variables, integer.program(model, variables), np.asarray(x)
+
+
+@pytest.mark.parametrize("name,precision", [
+    ("resnet12", "16w8a"), ("resnet12", "8w8a"), ("crnn", "16w8a"),
+    ("speech_embedding", "16w8a")])
+def test_every_backbone_simulation_computes_the_engine_codes_bit_for_bit(name, precision):
+  model, variables, program, x = _calibrated_backbone(name, precision)
+  for inputs in (x, 3.0 * x[::-1]):  # Inside and beyond the calibration range.
+    agreement = integer.simulation_agreement(model, variables, program, inputs)
+    assert agreement == {"equal": 1.0, "max_difference": 0}, agreement
+  # The integer model is the float model up to rounding: its logits follow the float ones.
+  float_model = model.clone(precision="float")
+  float_logits = np.asarray(float_model.apply(
+      {k: v for k, v in variables.items() if k != "quant"}, jnp.asarray(x)))
+  engine = np.asarray(integer.logits(program, integer.features(
+      program, integer.quantize_inputs(program, x)), integer.head_codes(
+          program, variables["params"]["head"])), np.float64) * program.logit_scale
+  assert np.corrcoef(engine.ravel(), float_logits.ravel())[0, 1] > 0.95
+  if name == "speech_embedding":  # (Its derivative is tested in test_speech_embedding.py.)
+    return
+  # Compiled or op by op, the simulation computes the same codes.
+  np.testing.assert_array_equal(np.asarray(model.apply(variables, jnp.asarray(x))),
+                                np.asarray(jax.jit(model.apply)(variables, jnp.asarray(x))))
+  # The straight-through derivative runs through the exact forward (jvp and grad agree).
+  loss = lambda p: jnp.sum(model.apply(dict(variables, params=p), jnp.asarray(x)) ** 2)
+  value, grads = jax.jit(jax.value_and_grad(loss))(variables["params"])
+  _, tangent = jax.jit(lambda p, t: jax.jvp(loss, (p,), (t,)))(variables["params"], grads)
+  norm = sum(float(jnp.sum(g ** 2)) for g in jax.tree.leaves(grads))
+  assert np.isfinite(float(value)) and norm > 0
+  np.testing.assert_allclose(float(tangent), norm, rtol=1e-3)
+
+
+@pytest.mark.parametrize("name", sorted(BACKBONES))
+def test_every_backbone_integer_forward_has_no_float_operation(name):
+  _, _, program, x = _calibrated_backbone(name, "16w8a")
+  x_q = integer.quantize_inputs(program, x)
+  text = runtime.stablehlo(lambda x: integer.features(program, x), [x_q])
+  body = text[text.index("func.func"):]
+  assert "convolution" in body
+  assert not re.search(r"\b(f16|bf16|f32|f64)\b", body), re.findall(r".*\bf32\b.*", body)[:3]
+
+
+def test_integer_operations_between_layers_match_their_real_values():
+  from fwdgrad.models import crnn  # pylint: disable=g-import-not-at-top
+  from fwdgrad.models import layers  # pylint: disable=g-import-not-at-top
+  rng = np.random.default_rng(0)
+  a, b = (rng.integers(-127, 128, 5000) for _ in range(2))
+  # Leaky ReLU on its own grid: the negative side times 0.1, rounded (ties up), the positive
+  # side unchanged; onto a grid 4x finer, the real value's code but for an ulp of the multiplier.
+  got = np.asarray(layers.leaky_relu_codes(jnp.asarray(a, jnp.int32),
+                                           layers.leaky_relu_constants(0.1)))
+  np.testing.assert_array_equal(got, np.where(a >= 0, a, np.floor(a * 0.1 + 0.5)))
+  got = np.asarray(layers.leaky_relu_codes(jnp.asarray(a, jnp.int32),
+                                           layers.leaky_relu_constants(0.1, 0.04, 0.01)))
+  want = np.clip(np.rint(np.where(a >= 0, a, 0.1 * a) * 4.0), -127, 127)
+  assert np.abs(got - want).max() <= 1 and np.mean(got != want) < 0.01
+  # A rescaled sum: the real sum's code, but for a rare tie or an ulp of the multipliers.
+  sa, sb, sy = 0.031, 0.017, 0.045
+  got = np.asarray(layers.add_codes(jnp.asarray(a, jnp.int32), jnp.asarray(b, jnp.int32),
+                                    layers.add_constants(sa, sb, sy)))
+  want = np.clip(np.rint((a * sa + b * sb) / sy), -127, 127)
+  assert np.abs(got - want).max() <= 1 and np.mean(got != want) < 0.01
+  # A mean over 25 positions.
+  x = rng.integers(-127, 128, (40, 25))
+  got = np.asarray(layers.mean_codes(jnp.asarray(x, jnp.int32), 1, layers.mean_constants(
+      jnp.float32(0.02), jnp.float32(0.01), 25)))
+  want = np.clip(np.rint(x.mean(1) * 2.0), -127, 127)
+  assert np.abs(got - want).max() <= 1 and np.mean(got != want) < 0.05
+  # A GRU step on codes against the float GRU on their values: within a few codes.
+  scales = (0.03, 0.02, 1 / 127, 0.04, 0.04, 0.05)
+  gx, gh = rng.integers(-100, 100, (50, 12)), rng.integers(-100, 100, (50, 12))
+  h = rng.integers(-127, 128, (50, 4))
+  got = np.asarray(crnn.gru_codes(jnp.asarray(gx, jnp.int32), jnp.asarray(gh, jnp.int32),
+                                  jnp.asarray(h, jnp.int32), crnn.gru_constants(*scales)))
+  x_r, x_z, x_n = np.split(gx * scales[0], 3, -1)
+  h_r, h_z, h_n = np.split(gh * scales[1], 3, -1)
+  sigmoid = lambda v: 1 / (1 + np.exp(-v))
+  r, z = sigmoid(x_r + h_r), sigmoid(x_z + h_z)
+  n = np.tanh(x_n + r * h_n)
+  want = ((1 - z) * n + z * h * scales[2]) / scales[2]
+  assert np.abs(got - want).max() <= 4 and np.abs(got - want).mean() < 1.0

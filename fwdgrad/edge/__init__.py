@@ -8,9 +8,10 @@ whether the engine's integer weights equal those of ``fwdgrad.qzo_ff`` run by JA
 
 Needs the ``edge`` extra (``pip install -e ".[edge]"``: IREE's compiler and runtime).
 
-``integer``  the integer forward of a calibrated Conv4 (:func:`integer.conv4_program`,
-             :func:`integer.features`, :func:`integer.logits`, :func:`integer.loss`) and how often
-             the float simulation agrees with it (:func:`integer.simulation_agreement`).
+``integer``  the integer forward of a calibrated Conv4, ResNet12, GRU CRNN or speech embedding
+             (:func:`integer.program`, :func:`integer.features`, :func:`integer.logits`,
+             :func:`integer.loss`) and how often the float simulation agrees with it
+             (:func:`integer.simulation_agreement`).
 ``runtime``  ``jax.export`` → StableHLO → IREE (:func:`runtime.compile_function`).
 ``runner``   the QZO-FF loop on the compiled modules with the integer update in numpy
              (:func:`runner.compile_modules`, :func:`runner.engine_step`) and the JAX run it

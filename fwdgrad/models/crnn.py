@@ -8,8 +8,11 @@ paper's CRNN.
 
 The recurrent cells use :class:`fwdgrad.models.layers.QDense` for their fused input and hidden
 projections (PyTorch's gate order: r, z, n for the GRU; i, f, g, o for the LSTM), so with a
-fixed-point precision their weights and the hidden state are rounded; gate nonlinearities and the
-LSTM cell state stay in float (engines keep the cell state at 16 bits or more).
+fixed-point precision their weights and the hidden state are rounded. A calibrated static GRU CRNN
+computes an integer engine's GRU (:func:`gru_codes`): 8-bit gate pre-activations, sigmoid and tanh
+as 255-entry lookup tables onto the grid 1/127, products and sums of codes rescaled by multiply and
+shift. The LSTM's gates and cell state stay in float (engines keep the cell state at 16 bits or
+more); it has no integer forward here.
 
 .. math::
 
@@ -31,29 +34,101 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from fwdgrad import quant
 from fwdgrad.models import layers
 
 PrecisionLike = Union[str, layers.Precision, None]
 RNN_CELLS = ("gru", "lstm")
 
 
+# Sigmoid and tanh outputs lie in [-1, 1]: an engine writes them on the fixed grid 1/127.
+GATE_LEVELS = 127
+
+
+def gru_constants(input_scale, hidden_scale, state_scale, r_scale, z_scale, n_scale):
+  """The integer GRU's constants, from its grids: the projections' outputs ``Δ_x`` and ``Δ_h``,
+  the hidden state ``Δ_s`` and the three gate pre-activations.
+
+  Returns ``(sigmoid_r, sigmoid_z, tanh_n, add_r, add_z, add_n, add_h)``: three 255-entry int32
+  lookup tables (gate output codes on ``1/127`` of the pre-activation codes -127..127, the way an
+  engine evaluates a sigmoid or tanh of 8-bit codes) and the multipliers of the four rescaled
+  additions (:func:`fwdgrad.models.layers.add_constants`).
+  """
+  codes = jnp.arange(-GATE_LEVELS, GATE_LEVELS + 1, dtype=jnp.float32)
+  levels = jnp.float32(GATE_LEVELS)
+
+  def table(fn, scale):
+    return jnp.round(fn(codes * scale) * levels).astype(jnp.int32)
+
+  return (table(jax.nn.sigmoid, r_scale), table(jax.nn.sigmoid, z_scale), table(jnp.tanh, n_scale),
+          layers.add_constants(input_scale, hidden_scale, r_scale),
+          layers.add_constants(input_scale, hidden_scale, z_scale),
+          layers.add_constants(input_scale, hidden_scale * layers.reciprocal(levels), n_scale),
+          layers.add_constants(layers.reciprocal(levels * levels),
+                               state_scale * layers.reciprocal(levels), state_scale))
+
+
+def gru_codes(gates_x: jax.Array, gates_h: jax.Array, h: jax.Array, constants,
+              bits: int = 8) -> jax.Array:
+  """One integer GRU step on int32 codes: the next hidden state's codes (on ``Δ_s``).
+
+  ``r = σ(x_r + h_r)``, ``z = σ(x_z + h_z)``, ``n = tanh(x_n + r h_n)``, ``h' = (1 - z) n + z h``:
+  each sum rescaled onto its grid, each nonlinearity a table lookup, the products in int32.
+  """
+  sigmoid_r, sigmoid_z, tanh_n, add_r, add_z, add_n, add_h = constants
+  x_r, x_z, x_n = jnp.split(gates_x, 3, axis=-1)
+  h_r, h_z, h_n = jnp.split(gates_h, 3, axis=-1)
+  r = jnp.take(sigmoid_r, layers.add_codes(x_r, h_r, add_r, bits) + GATE_LEVELS)
+  z = jnp.take(sigmoid_z, layers.add_codes(x_z, h_z, add_z, bits) + GATE_LEVELS)
+  n = jnp.take(tanh_n, layers.add_codes(x_n, r * h_n, add_n, bits) + GATE_LEVELS)
+  return layers.add_codes((GATE_LEVELS - z) * n, z * h, add_h, bits)
+
+
+def _gru_update(x_r, x_z, x_n, h_r, h_z, h_n, h):
+  r = jax.nn.sigmoid(x_r + h_r)
+  z = jax.nn.sigmoid(x_z + h_z)
+  n = jnp.tanh(x_n + r * h_n)
+  return (1.0 - z) * n + z * h
+
+
 class QGRUCell(nn.RNNCellBase):
-  """A GRU cell with quantized fused projections ``input`` (x -> 3H) and ``hidden`` (h -> 3H)."""
+  """A GRU cell with quantized fused projections ``input`` (x -> 3H) and ``hidden`` (h -> 3H).
+
+  Calibrated at a static precision and given ``input_scale`` (the grid of its inputs), the cell
+  computes an integer engine's GRU (:func:`gru_codes`): the projections' exact integer forward,
+  8-bit gate pre-activations (``act_r``, ``act_z``, ``act_n``), sigmoid and tanh as lookup tables,
+  and the hidden state on ``act_hidden``'s grid, with the float GRU's derivative.
+  """
   features: int
   precision: PrecisionLike = "float"
+  input_scale: Optional[jax.Array] = None
 
   @nn.compact
   def __call__(self, carry: jax.Array, inputs: jax.Array):
     h = carry
-    gates_x = layers.QDense(3 * self.features, self.precision, name="input")(inputs)
-    gates_h = layers.QDense(3 * self.features, self.precision, quantize_input=False,
-                            kernel_init=nn.initializers.orthogonal(), name="hidden")(h)
+    static = layers.exact_precision(self.precision)
+    act_hidden = layers.QAct(self.precision, name="act_hidden")
+    gates = [layers.QAct(self.precision, name=f"act_{gate}") for gate in "rzn"]
+    h_scale = act_hidden.static_scale() if static else None
+    # At a static precision the inputs are on the grid ``input_scale`` of the layer before.
+    input_dense = layers.QDense(3 * self.features, self.precision, quantize_input=not static,
+                                name="input")
+    hidden_dense = layers.QDense(3 * self.features, self.precision, quantize_input=False,
+                                 kernel_init=nn.initializers.orthogonal(), name="hidden")
+    gates_x = input_dense(inputs, input_scale=self.input_scale)
+    gates_h = hidden_dense(h, input_scale=h_scale)
+    scales = (input_dense.output_scale(), hidden_dense.output_scale(), h_scale,
+              *(gate.static_scale() for gate in gates))
+    if self.input_scale is not None and all(scale is not None for scale in scales):
+      bits = layers.Precision.parse(self.precision).activation_bits
+      h = act_hidden(_exact_gru(bits, gates_x, gates_h, h, *scales))
+      return h, h
     x_r, x_z, x_n = jnp.split(gates_x, 3, axis=-1)
     h_r, h_z, h_n = jnp.split(gates_h, 3, axis=-1)
-    r = jax.nn.sigmoid(x_r + h_r)
-    z = jax.nn.sigmoid(x_z + h_z)
-    n = jnp.tanh(x_n + r * h_n)
-    h = layers.QAct(self.precision, name="act_hidden")((1.0 - z) * n + z * h)
+    r = jax.nn.sigmoid(gates[0](x_r + h_r))
+    z = jax.nn.sigmoid(gates[1](x_z + h_z))
+    n = jnp.tanh(gates[2](x_n + r * h_n))
+    h = act_hidden((1.0 - z) * n + z * h)
     return h, h
 
   @nn.nowrap
@@ -64,6 +139,25 @@ class QGRUCell(nn.RNNCellBase):
   @property
   def num_feature_axes(self) -> int:
     return 1
+
+
+def _exact_gru(bits: int, gates_x, gates_h, h, input_scale, hidden_scale, state_scale, r_scale,
+               z_scale, n_scale):
+  """The integer GRU step on on-grid floats, with the derivative of the float GRU."""
+  scales = (input_scale, hidden_scale, state_scale, r_scale, z_scale, n_scale)
+
+  def exact(gates_x, gates_h, h, *scales):
+    def codes(x, scale):
+      return jnp.round(x * layers.reciprocal(scale)).astype(jnp.int32)
+    out = gru_codes(codes(gates_x, scales[0]), codes(gates_h, scales[1]), codes(h, scales[2]),
+                    gru_constants(*scales), bits)
+    return out.astype(jnp.float32) * scales[2]
+
+  def approx(gates_x, gates_h, h, *scales):
+    h = _gru_update(*jnp.split(gates_x, 3, axis=-1), *jnp.split(gates_h, 3, axis=-1), h)
+    return quant.fake_quant(h, bits, scale=scales[2])
+
+  return layers.straight_through(exact, approx, gates_x, gates_h, h, *scales)
 
 
 class QLSTMCell(nn.RNNCellBase):
@@ -136,11 +230,17 @@ class CRNN(nn.Module):
       raise ValueError(
           f"CRNN expects spectrograms of shape (batch, time, mel) or (batch, time, mel, 1), got "
           f"{spectrograms.shape}.")
-    # Conv inputs come from ReLU and max-pool of quantized outputs: on the grid before, as read.
-    x = layers.QAct(self.precision, name="act_input")(x)
+    # Conv inputs come from ReLU and max-pool of quantized outputs: on the grid before, as read;
+    # each layer is told that grid, so a calibrated static model computes what an integer engine
+    # does (fwdgrad.edge.integer runs it on integers).
+    act = layers.QAct(self.precision, name="act_input")
+    x = act(x)
+    scale = act.static_scale()
     for i, (width, pool) in enumerate(zip(self.conv_features, self.pool_sizes)):
-      x = layers.ConvBN(width, (3, 3), (1, 1), 1, self.precision, quantize_input=False,
-                        name=f"block{i}")(x, train)
+      block = layers.ConvBN(width, (3, 3), (1, 1), 1, self.precision, quantize_input=False,
+                            name=f"block{i}")
+      x = block(x, train, input_scale=scale)
+      scale = block.output_scale()
       x = nn.max_pool(nn.relu(x), tuple(pool), strides=tuple(pool))
     batch, steps = x.shape[:2]
     if steps == 0:
@@ -148,12 +248,17 @@ class CRNN(nn.Module):
           f"the input has too few frames ({spectrograms.shape[1]}) for the time pooling "
           f"{tuple(self.pool_sizes)}; pass longer spectrograms.")
     x = x.reshape(batch, steps, -1)
-    cell = {"gru": QGRUCell, "lstm": QLSTMCell}[self.rnn]
+    if self.rnn == "gru":
+      cell = QGRUCell(self.rnn_features, self.precision, input_scale=scale, name="rnn")
+    else:
+      cell = QLSTMCell(self.rnn_features, self.precision, name="rnn")
     # The cell's quantizers run inside the time scan: their static scales are shared by every
     # step, and a calibration pass records one observation per step (reduced by calibrate).
-    x = nn.RNN(cell(self.rnn_features, self.precision, name="rnn"),
-               variable_broadcast=("params", layers.QUANT),
+    x = nn.RNN(cell, variable_broadcast=("params", layers.QUANT),
                variable_axes={layers.QUANT_STATS: 0})(x)[:, -1]
     if self.num_classes is None:
       return x
-    return layers.QDense(self.num_classes, self.precision, quantize_input=False, name="head")(x)
+    hidden_scale = (layers.calibrated_scale(self, "rnn", "act_hidden")
+                    if self.rnn == "gru" and scale is not None else None)
+    return layers.QDense(self.num_classes, self.precision, quantize_input=False, name="head")(
+        x, input_scale=hidden_scale)

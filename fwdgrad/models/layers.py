@@ -14,8 +14,17 @@ unchanged in training and evaluation. Every quantized layer rounds
   static per-tensor scale ``quant/<quantizer>/scale`` (:class:`QAct`), so an example's output does
   not depend on the rest of its batch. Where a layer reads the output of another quantizer through
   ReLU or max-pooling, which keep the grid, the models skip the input quantizer, as an engine that
-  fuses those ops does; float operations (LayerNorm, softmax, GELU, leaky ReLU, residual additions)
-  are followed by a quantizer.
+  fuses those ops does; float operations (LayerNorm, softmax, GELU in the ViT) are followed by a
+  quantizer.
+
+Where a layer is told the grid of its input (``input_scale``), a calibrated static model computes
+what an integer engine does, bit for bit: the exact int32 accumulator and a multiply-and-shift
+requantization (:func:`exact_conv`, :func:`requantize`), and between layers the integer forms of
+a leaky ReLU onto its own grid (:func:`leaky_relu_codes`), a residual sum of two grids
+(:func:`add_codes`) and a mean (:func:`mean_codes`), each with the derivative of its fake-quant
+formula (:func:`straight_through`). Conv4, ResNet12, the GRU CRNN and the speech embedding run
+this way (``fwdgrad.edge.integer`` runs them on integers); constants that divide by a scale
+multiply by its :func:`reciprocal`, so that compiled and op-by-op runs give the same bits.
 
 A fixed-point model applied before calibration raises :class:`NotCalibratedError`. Per-batch
 (dynamic) activation scales stay available as ``"16w8a-dynamic"``, never by default.
@@ -260,6 +269,19 @@ class QAct(nn.Module):
     return self.get_variable(QUANT, "scale")
 
 
+def calibrated_scale(module: nn.Module, *path: str) -> Optional[Array]:
+  """The calibrated ``quant/<path>/scale`` below ``module`` at a static precision, or ``None``
+  (float or per-batch scales, at init, in a calibration pass, or not calibrated yet)."""
+  precision = Precision.parse(module.precision)
+  if (precision.activation_bits is None or precision.dynamic or module.is_initializing()
+      or _calibrating(module)):
+    return None
+  node = module.variables.get(QUANT, {})
+  for name in path:
+    node = node.get(name, {})
+  return node.get("scale")
+
+
 def _broadcast_scale(scale: Array, ndim: int, per_channel: bool) -> Array:
   """A stored ``kernel_scale`` ((1,) or (channels,)) shaped to broadcast against the kernel."""
   if not per_channel:
@@ -385,8 +407,126 @@ def requantize(acc: Array, ratio: Array, bits: int, offset: Optional[Array] = No
   return rescale(acc, *requant_multiplier(ratio), 0 if offset is None else offset, bits)
 
 
-def _straight_through(exact: Callable, approx: Callable, *args):
-  """``exact(*args)`` as the value and the derivative of ``approx`` (the fake-quant formula)."""
+# Integer forms of the operations between layers. Each takes and returns int32 codes, so the
+# simulation (on the codes of its on-grid floats) and fwdgrad.edge (on int8 arrays) call the same
+# function. Their constants are computed once from the scales, as a converter does.
+
+# The extra bits a rescaled addition keeps until its one final rounding.
+_ADD_GUARD_BITS = 8
+
+
+def leaky_relu_constants(slope: float, in_scale=1.0, out_scale=1.0):
+  """``(M₊, k₊, M₋, k₋)`` int32 of a leaky ReLU from the grid ``Δ_x`` to ``Δ_y``:
+  ``M₊ / 2^k₊ ≈ Δ_x / Δ_y`` and ``M₋ / 2^k₋ ≈ slope Δ_x / Δ_y`` (an engine's LEAKY_RELU, which
+  requantizes its output)."""
+  ratio = jnp.asarray(in_scale, jnp.float32) * reciprocal(out_scale)
+  return (fixed_point.fixed_point_multiplier_array(ratio)
+          + fixed_point.fixed_point_multiplier_array(jnp.float32(slope) * ratio))
+
+
+def leaky_relu_codes(codes: Array, constants, bits: int = 8) -> Array:
+  """Leaky ReLU on int32 codes, onto the output grid: ``c M₊ >> k₊`` where ``c >= 0``, else
+  ``c M₋ >> k₋`` (rounded), saturated at ``bits``."""
+  positive_m, positive_k, negative_m, negative_k = constants
+  levels = quant.qmax(bits)
+  return jnp.clip(jnp.where(codes >= 0, fixed_point.multiply_shift(codes, positive_m, positive_k),
+                            fixed_point.multiply_shift(codes, negative_m, negative_k)),
+                  -levels, levels)
+
+
+def add_constants(a_scale, b_scale, out_scale):
+  """``(M_a, k_a, M_b, k_b)`` of a rescaled addition: ``Δ_a / Δ_y`` and ``Δ_b / Δ_y`` with guard bits."""
+  guard = jnp.float32(2 ** _ADD_GUARD_BITS)
+  inverse = reciprocal(out_scale)
+  return (fixed_point.fixed_point_multiplier_array(guard * a_scale * inverse)
+          + fixed_point.fixed_point_multiplier_array(guard * b_scale * inverse))
+
+
+def add_codes(a: Array, b: Array, constants, bits: int = 8) -> Array:
+  """``a Δ_a + b Δ_b`` as int32 codes on ``Δ_y``: each term rescaled to ``Δ_y / 2^8``, one rounding.
+
+  This is an engine's residual addition of two tensors on different grids (TFLite's ADD keeps
+  guard bits the same way).
+  """
+  a_multiplier, a_shift, b_multiplier, b_shift = constants
+  total = (fixed_point.multiply_shift(a, a_multiplier, a_shift)
+           + fixed_point.multiply_shift(b, b_multiplier, b_shift))
+  levels = quant.qmax(bits)
+  return jnp.clip(fixed_point.multiply_shift(total, 1, _ADD_GUARD_BITS), -levels, levels)
+
+
+def mean_constants(in_scale, out_scale, count: int):
+  """``(M, k, σ)`` of a mean over ``count`` codes: ``Δ_x / (count Δ_y)``."""
+  return requant_multiplier(in_scale * reciprocal(jnp.float32(count) * out_scale))
+
+
+def mean_codes(codes: Array, axis, constants, bits: int = 8) -> Array:
+  """The mean of int32 codes over ``axis`` (an int32 sum, then a multiply and shift) on ``Δ_y``."""
+  return rescale(jnp.sum(codes, axis=axis), *constants, bits=bits)
+
+
+def _int_codes(x: Array, scale: Array, bits: int) -> Array:
+  return _codes(x, scale, quant.qmax(bits)).astype(jnp.int32)
+
+
+def on_codes(fn: Callable, approx: Callable, x: Array, in_scale: Array,
+             out_scale: Array) -> Array:
+  """``fn(codes, Δ_x, Δ_y)`` (int32 codes of ``x`` on ``Δ_x`` to int32 codes on ``Δ_y``) times
+  ``Δ_y``: the value an engine computes, with the derivative of ``approx(x, Δ_y)``."""
+  def exact(x, in_scale, out_scale):
+    return fn(_int_codes(x, in_scale, 16), in_scale, out_scale).astype(jnp.float32) * out_scale
+
+  return straight_through(exact, lambda x, in_scale, out_scale: approx(x, out_scale), x,
+                          in_scale, out_scale)
+
+
+def exact_leaky_relu(x: Array, in_scale: Array, out_scale: Array, slope: float,
+                     bits: int = 8) -> Array:
+  """A leaky ReLU of ``x`` on ``Δ_x`` onto ``Δ_y`` by :func:`leaky_relu_codes`, with the
+  derivative of ``fake_quant(leaky_relu(x))``."""
+  return on_codes(
+      lambda c, a, b: leaky_relu_codes(c, leaky_relu_constants(slope, a, b), bits),
+      lambda x, b: quant.fake_quant(nn.leaky_relu(x, slope), bits, scale=b), x, in_scale,
+      out_scale)
+
+
+def exact_add(a: Array, a_scale: Array, b: Array, b_scale: Array, out_scale: Array,
+              bits: int = 8) -> Array:
+  """``a + b`` of on-grid tensors by :func:`add_codes`, with the derivative of the float sum."""
+  def exact(a, a_scale, b, b_scale, out_scale):
+    codes = add_codes(_int_codes(a, a_scale, 16), _int_codes(b, b_scale, 16),
+                      add_constants(a_scale, b_scale, out_scale), bits)
+    return codes.astype(jnp.float32) * out_scale
+
+  def approx(a, a_scale, b, b_scale, out_scale):
+    del a_scale, b_scale
+    return quant.fake_quant(a + b, bits, scale=out_scale)
+
+  return straight_through(exact, approx, a, a_scale, b, b_scale, out_scale)
+
+
+def exact_mean(x: Array, axis, in_scale: Array, out_scale: Array, bits: int = 8) -> Array:
+  """The mean of on-grid ``x`` over ``axis`` by :func:`mean_codes`, straight-through."""
+  axis = tuple(axis) if isinstance(axis, (tuple, list)) else (axis,)
+  count = 1
+  for a in axis:
+    count *= x.shape[a]
+
+  def exact(x, in_scale, out_scale):
+    codes = mean_codes(_int_codes(x, in_scale, 16), axis,
+                       mean_constants(in_scale, out_scale, count), bits)
+    return codes.astype(jnp.float32) * out_scale
+
+  def approx(x, in_scale, out_scale):
+    del in_scale
+    return quant.fake_quant(jnp.mean(x, axis=axis), bits, scale=out_scale)
+
+  return straight_through(exact, approx, x, in_scale, out_scale)
+
+
+def straight_through(exact: Callable, approx: Callable, *args):
+  """``exact(*args)`` as the value and the derivative of ``approx`` (the fake-quant formula): how
+  a layer's integer forward gets a derivative for ``jax.jvp``, ``jax.grad`` and SPSA alike."""
   @jax.custom_jvp
   def fn(*args):
     return exact(*args)
@@ -400,13 +540,28 @@ def _straight_through(exact: Callable, approx: Callable, *args):
 
 
 def _codes(x: Array, scale: Array, levels: int) -> Array:
-  return jnp.clip(jnp.round(x / scale), -levels, levels)
+  return jnp.clip(jnp.round(x * reciprocal(scale)), -levels, levels)
+
+
+def reciprocal(x) -> Array:
+  """``1 / x`` in float32. The integer forward's constants and codes divide by multiplying with
+  it: XLA turns a division by a broadcast scalar into that product under ``jit`` (and not when
+  called op by op), so writing it out gives the same bits compiled or not, in the model and in
+  ``fwdgrad.edge``."""
+  return jnp.float32(1.0) / jnp.asarray(x, jnp.float32)
+
+
+def weight_codes(w: Array, scale: Array, bits: int) -> Array:
+  """The integer codes ``clip(round(w / Δ))`` of weights, as the integer forward reads them
+  (int8, int16 or int32 by ``bits``)."""
+  return _codes(jnp.asarray(w, jnp.float32), scale, quant.qmax(bits)).astype(
+      quant.integer_dtype(bits))
 
 
 def dense_requant_constants(in_scale, kernel_scale, out_scale, bias_scale):
   """``(ratio, bias_ratio)`` of a dense layer: ``Δ_x Δ_w / Δ_y`` and ``Δ_b / (Δ_x Δ_w)``."""
   product = in_scale * kernel_scale
-  return product / out_scale, bias_scale / product
+  return product * reciprocal(out_scale), bias_scale * reciprocal(product)
 
 
 def bn_requant_constants(gamma, beta, mean, var, epsilon, in_scale, kernel_scale, out_scale):
@@ -418,8 +573,17 @@ def bn_requant_constants(gamma, beta, mean, var, epsilon, in_scale, kernel_scale
   factor = gamma * jax.lax.rsqrt(var + epsilon)
   factor = jnp.where(factor == 0, jnp.float32(1e-30), factor)
   product = in_scale * kernel_scale * factor
-  offset = jnp.clip(jnp.round((beta - mean * factor) / product), -2.0 ** 30, 2.0 ** 30)
-  return product / out_scale, offset.astype(jnp.int32)
+  offset = jnp.clip(jnp.round((beta - mean * factor) * reciprocal(product)), -2.0 ** 30,
+                    2.0 ** 30)
+  return product * reciprocal(out_scale), offset.astype(jnp.int32)
+
+
+def conv_bias_constants(bias, in_scale, kernel_scale, out_scale):
+  """``(ratio, offset)`` of a convolution with a bias: ``Δ_x Δ_w / Δ_y`` and
+  ``B = round(b / (Δ_x Δ_w))`` (int32), the bias on the accumulator."""
+  product = in_scale * kernel_scale
+  offset = jnp.clip(jnp.round(bias * reciprocal(product)), -2.0 ** 30, 2.0 ** 30)
+  return product * reciprocal(out_scale), offset.astype(jnp.int32)
 
 
 class QDense(nn.Module):
@@ -483,6 +647,10 @@ class QDense(nn.Module):
       y = y + bias
     return out(y)
 
+  def output_scale(self) -> Optional[Array]:
+    """The calibrated grid of this layer's output (``act_out``), or ``None`` before calibration."""
+    return _output_scale(self)
+
 
 def _exact_dense(x, kernel, bias, in_scale, kernel_scale, out_scale, bias_scale,
                  precision: Precision, use_bias: bool):
@@ -506,7 +674,7 @@ def _exact_dense(x, kernel, bias, in_scale, kernel_scale, out_scale, bias_scale,
       y = y + bias
     return quant.fake_quant(y, abits, scale=out_scale)
 
-  return _straight_through(exact, approx, x, kernel, bias, in_scale, kernel_scale, out_scale,
+  return straight_through(exact, approx, x, kernel, bias, in_scale, kernel_scale, out_scale,
                            bias_scale)
 
 
@@ -534,17 +702,54 @@ class QConv(nn.Module):
   bias_init: Initializer = nn.initializers.zeros_init()
 
   @nn.compact
-  def __call__(self, x: Array) -> Array:
+  def __call__(self, x: Array, input_scale: Optional[Array] = None) -> Array:
+    """``input_scale``: as for :class:`QDense`."""
     precision = Precision.parse(self.precision)
     shape = (*self.kernel_size, x.shape[-1], self.features)
     kernel = self.param("kernel", self.kernel_init, shape, jnp.float32)
     if self.quantize_input:
       x = QAct(precision, name="act_in")(x)
-    y = _conv(x, _quantized_kernel(self, kernel, precision), self.strides,
-              _conv_padding(self.padding, self.kernel_size))
-    if self.use_bias:
-      y = y + self.param("bias", self.bias_init, (self.features,), jnp.float32)
-    return QAct(precision, name="act_out")(y)
+    bias = (self.param("bias", self.bias_init, (self.features,), jnp.float32) if self.use_bias
+            else jnp.zeros((self.features,), jnp.float32))
+    padding = _conv_padding(self.padding, self.kernel_size)
+    out = QAct(precision, name="act_out")
+    quantized = _quantized_kernel(self, kernel, precision)
+    out_scale = out.static_scale()
+    if (input_scale is not None and not self.quantize_input and exact_precision(precision)
+        and out_scale is not None and self.has_variable(QUANT, "kernel_scale")):
+      kernel_scale = _broadcast_scale(self.get_variable(QUANT, "kernel_scale"), kernel.ndim,
+                                      precision.per_channel)
+      return out(_exact_conv_bias(x, kernel, bias, jnp.asarray(input_scale, jnp.float32),
+                                  kernel_scale, out_scale, precision, tuple(self.strides),
+                                  padding))
+    return out(_conv(x, quantized, self.strides, padding) + bias)
+
+  def output_scale(self) -> Optional[Array]:
+    """The calibrated grid of this layer's output (``act_out``), or ``None`` before calibration."""
+    return _output_scale(self)
+
+
+def _output_scale(module: nn.Module) -> Optional[Array]:
+  return calibrated_scale(module, "act_out")
+
+
+def _exact_conv_bias(x, kernel, bias, in_scale, kernel_scale, out_scale, precision: Precision,
+                     strides, padding):
+  """A convolution-with-bias's integer forward on float codes, with the fake-quant derivative."""
+  wbits, abits = precision.weight_bits, precision.activation_bits
+
+  def exact(x, kernel, bias, in_scale, kernel_scale, out_scale):
+    acc = exact_conv(_codes(x, in_scale, quant.qmax(abits)),
+                     _codes(kernel, kernel_scale, quant.qmax(wbits)), wbits, strides, padding)
+    ratio, offset = conv_bias_constants(bias, in_scale, kernel_scale, out_scale)
+    return requantize(acc, ratio, abits, offset).astype(jnp.float32) * out_scale
+
+  def approx(x, kernel, bias, in_scale, kernel_scale, out_scale):
+    del in_scale
+    y = _conv(x, quant.fake_quant(kernel, wbits, scale=kernel_scale), strides, padding)
+    return quant.fake_quant(y + bias, abits, scale=out_scale)
+
+  return straight_through(exact, approx, x, kernel, bias, in_scale, kernel_scale, out_scale)
 
 
 class ConvBN(nn.Module):
@@ -621,11 +826,7 @@ class ConvBN(nn.Module):
 
   def output_scale(self) -> Optional[Array]:
     """The calibrated grid of this layer's output (``act_out``), or ``None`` before calibration."""
-    precision = Precision.parse(self.precision)
-    if (precision.activation_bits is None or precision.dynamic or self.is_initializing()
-        or _calibrating(self)):
-      return None
-    return self.variables.get(QUANT, {}).get("act_out", {}).get("scale")
+    return _output_scale(self)
 
 
 def _exact_conv_bn(x, kernel, gamma, beta, mean, var, in_scale, kernel_scale, out_scale,
@@ -646,7 +847,7 @@ def _exact_conv_bn(x, kernel, gamma, beta, mean, var, in_scale, kernel_scale, ou
     factor = gamma * jax.lax.rsqrt(var + epsilon)
     return quant.fake_quant(y * factor + (beta - mean * factor), abits, scale=out_scale)
 
-  return _straight_through(exact, approx, x, kernel, gamma, beta, mean, var, in_scale,
+  return straight_through(exact, approx, x, kernel, gamma, beta, mean, var, in_scale,
                            kernel_scale, out_scale)
 
 

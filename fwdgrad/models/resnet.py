@@ -4,6 +4,9 @@ Both are built from :class:`fwdgrad.models.layers.ConvBN`, so in evaluation mode
 acts on its convolution's accumulator and, with a fixed-point ``precision``, the kernels are
 rounded to ``weight_bits`` and every activation to ``activation_bits``. Residual sums and the global
 average pool are rounded too. The features are the globally average-pooled output of the last stage.
+A calibrated static ResNet12 (``"16w8a"``, ``"8w8a"``) computes exactly what an integer engine
+does, leaky ReLU, residual sums and the average pool included (``fwdgrad.edge.integer`` runs it on
+integers).
 
 Module names follow the original code so that checkpoints map one to one: ResNet18 has ``conv1``
 (the stem conv and ``bn1``), ``layer{1..4}_{j}`` with ``conv1``, ``conv2`` and ``downsample``, and
@@ -97,24 +100,56 @@ class ResNet18(nn.Module):
 
 
 class ResNet12Block(nn.Module):
-  """Three 3x3 ConvBN with LeakyReLU(0.1), a 1x1 ConvBN shortcut, LeakyReLU and 2x2 max pool."""
+  """Three 3x3 ConvBN with LeakyReLU(0.1), a 1x1 ConvBN shortcut, LeakyReLU and 2x2 max pool.
+
+  Called with ``input_scale`` (the grid of ``x``) in a calibrated static fixed-point model, it
+  computes what an integer engine does: each ConvBN on its input's grid, each leaky ReLU on the
+  codes onto a grid of its own (:func:`fwdgrad.models.layers.leaky_relu_codes`), the residual sum
+  rescaled onto its grid (:func:`fwdgrad.models.layers.add_codes`); it then returns
+  ``(y, scale of y)``, else ``(y, None)``.
+  """
   features: int
   precision: PrecisionLike = "float"
   negative_slope: float = 0.1
 
   @nn.compact
-  def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
-    y = x
+  def __call__(self, x: jax.Array, train: bool = False,
+               input_scale: Optional[jax.Array] = None):
+    exact = input_scale is not None and layers.exact_precision(self.precision)
+    bits = layers.Precision.parse(self.precision).activation_bits
+
+    def leaky(y, scale, name):
+      # Each leaky ReLU writes its output on a grid of its own (an engine's LEAKY_RELU
+      # requantizes), so the negative side is not rounded on the grid of the input's range.
+      act = layers.QAct(self.precision, name=name)
+      out_scale = act.static_scale() if exact and scale is not None else None
+      if out_scale is not None:
+        return act(layers.exact_leaky_relu(y, scale, out_scale, self.negative_slope, bits)), \
+            out_scale
+      return act(nn.leaky_relu(y, self.negative_slope)), None
+
+    # At a static precision every conv reads its input on the grid of the quantizer before it
+    # (max-pool keeps the grid), as an engine does; with per-batch scales each conv quantizes
+    # its input.
+    conv = functools.partial(layers.ConvBN, precision=self.precision, quantize_input=not exact)
+    y, scale = x, input_scale
     for i in range(3):
-      y = layers.ConvBN(self.features, (3, 3), (1, 1), 1, self.precision, name=f"conv{i + 1}")(
-          y, train)
+      layer = conv(self.features, (3, 3), (1, 1), 1, name=f"conv{i + 1}")
+      y = layer(y, train, input_scale=scale)
+      scale = layer.output_scale() if exact else None
       if i < 2:
-        y = nn.leaky_relu(y, self.negative_slope)
-    shortcut = layers.ConvBN(self.features, (1, 1), (1, 1), 0, self.precision,
-                             name="downsample")(x, train)
-    y = nn.leaky_relu(layers.QAct(self.precision, name="act_sum")(y + shortcut),
-                      self.negative_slope)
-    return nn.max_pool(y, (2, 2), strides=(2, 2))
+        y, scale = leaky(y, scale, f"act{i + 1}")
+    downsample = conv(self.features, (1, 1), (1, 1), 0, name="downsample")
+    shortcut = downsample(x, train, input_scale=input_scale)
+    act_sum = layers.QAct(self.precision, name="act_sum")
+    sum_scale = act_sum.static_scale() if exact else None
+    if sum_scale is not None and scale is not None and downsample.output_scale() is not None:
+      y = act_sum(layers.exact_add(y, scale, shortcut, downsample.output_scale(), sum_scale,
+                                   bits))
+    else:
+      y = act_sum(y + shortcut)
+    y, scale = leaky(y, sum_scale, "act_out")
+    return nn.max_pool(y, (2, 2), strides=(2, 2)), scale
 
 
 class ResNet12(nn.Module):
@@ -134,10 +169,20 @@ class ResNet12(nn.Module):
 
   @nn.compact
   def __call__(self, images: jax.Array, train: bool = False) -> jax.Array:
-    x = layers.QAct(self.precision, name="act_input")(images)
+    act = layers.QAct(self.precision, name="act_input")
+    x = act(images)
+    scale = act.static_scale()
     for i, width in enumerate(self.widths):
-      x = ResNet12Block(width, self.precision, name=f"block{i}")(x, train)
-    x = _global_average_pool(x, self.precision)
+      x, scale = ResNet12Block(width, self.precision, name=f"block{i}")(x, train,
+                                                                         input_scale=scale)
+    pool = layers.QAct(self.precision, name="act_pool")
+    pool_scale = pool.static_scale() if scale is not None else None
+    if pool_scale is not None:  # The integer mean of the codes (an int32 sum, a multiply-shift).
+      x = pool(layers.exact_mean(x, (1, 2), scale, pool_scale,
+                                 layers.Precision.parse(self.precision).activation_bits))
+    else:
+      x = pool(jnp.mean(x, axis=(1, 2)))
     if self.num_classes is None:
       return x
-    return layers.QDense(self.num_classes, self.precision, quantize_input=False, name="head")(x)
+    return layers.QDense(self.num_classes, self.precision, quantize_input=False, name="head")(
+        x, input_scale=pool_scale)

@@ -41,6 +41,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from fwdgrad import quant
 from fwdgrad.models import layers
 from fwdgrad.models import tflite_import
 
@@ -81,6 +82,21 @@ def activation(x: Array) -> Array:
   return jnp.maximum(nn.leaky_relu(x, NEGATIVE_SLOPE), ACTIVATION_FLOOR)
 
 
+def activation_constants(in_scale: Array, out_scale: Array):
+  """``(M₊, k₊, M₋, k₋, floor)`` int32 of :func:`activation` from codes on ``Δ_x`` to codes on
+  ``Δ_y``: the leaky ReLU's multipliers (:func:`fwdgrad.models.layers.leaky_relu_constants`) and
+  the code of -0.4 on ``Δ_y``."""
+  floor = jnp.clip(jnp.round(jnp.float32(ACTIVATION_FLOOR) * layers.reciprocal(out_scale)), -127,
+                   127)
+  return layers.leaky_relu_constants(NEGATIVE_SLOPE, in_scale, out_scale) + (
+      floor.astype(jnp.int32),)
+
+
+def activation_codes(codes: Array, constants, bits: int = 8) -> Array:
+  """:func:`activation` on int32 codes (an engine's LEAKY_RELU, then MAXIMUM), onto ``Δ_y``."""
+  return jnp.maximum(layers.leaky_relu_codes(codes, constants[:4], bits), constants[4])
+
+
 class SpeechEmbedding(nn.Module):
   """openWakeWord's speech-embedding network, with an optional linear head.
 
@@ -113,19 +129,38 @@ class SpeechEmbedding(nn.Module):
           f"SpeechEmbedding expects features of shape (batch, {INPUT_FRAMES}, {NUM_MELS}) or "
           f"(batch, {INPUT_FRAMES}, {NUM_MELS}, 1), got {tuple(jnp.shape(features))}; make them "
           "with fwdgrad.data.audio.embedding_features(fit_length(audio)) from 16 kHz audio.")
-    x = layers.QAct(self.precision, name="act_input")(x)
+    # At a static precision each layer reads its input on the grid of the one before (the
+    # activation runs on the codes and max-pooling keeps the grid), so the model computes what an
+    # integer engine does (fwdgrad.edge.integer runs it on integers); per-batch scales requantize.
+    static = layers.exact_precision(self.precision)
+    bits = layers.Precision.parse(self.precision).activation_bits
+    act = layers.QAct(self.precision, name="act_input")
+    x = act(x)
+    scale = act.static_scale() if static else None
     last = len(CONVS) - 1
     for i, spec in enumerate(CONVS):
-      x = layers.QConv(spec.features, spec.kernel_size, padding=spec.padding,
-                       precision=self.precision, name=f"conv{i}")(x)
+      conv = layers.QConv(spec.features, spec.kernel_size, padding=spec.padding,
+                          precision=self.precision, quantize_input=not static, name=f"conv{i}")
+      x = conv(x, input_scale=scale)
+      scale = conv.output_scale() if scale is not None else None
       if i != last:
-        x = activation(x)
+        # The activation's output has a grid of its own (its range is not the convolution's).
+        act = layers.QAct(self.precision, name=f"act{i}")
+        out_scale = act.static_scale() if scale is not None else None
+        if out_scale is not None:
+          x = act(layers.on_codes(
+              lambda c, a, b: activation_codes(c, activation_constants(a, b), bits),
+              lambda x, b: quant.fake_quant(activation(x), bits, scale=b), x, scale, out_scale))
+        else:
+          x = act(activation(x))
+        scale = out_scale
       if i in POOLS:
         x = nn.max_pool(x, POOLS[i], strides=POOLS[i], padding="VALID")
     x = x.reshape(x.shape[0], EMBEDDING_DIM)
     if self.num_classes is None:
       return x
-    return layers.QDense(self.num_classes, self.precision, name="head")(x)
+    return layers.QDense(self.num_classes, self.precision, quantize_input=not static,
+                         name="head")(x, input_scale=scale)
 
 
 def _check_op(op: tflite_import.TFLiteOperator, name: str, position: int, **options) -> None:
