@@ -306,3 +306,16 @@ def test_integer_operations_between_layers_match_their_real_values():
   n = np.tanh(x_n + r * h_n)
   want = ((1 - z) * n + z * h * scales[2]) / scales[2]
   assert np.abs(got - want).max() <= 4 and np.abs(got - want).mean() < 1.0
+
+
+@pytest.mark.parametrize("name", sorted(BACKBONES))
+def test_every_backbone_runs_on_the_engine_as_in_jax(name):
+  pytest.importorskip("iree.runtime")
+  _, variables, program, x = _calibrated_backbone(name, "16w8a")
+  x_q = integer.quantize_inputs(program, x[:2])
+  head = integer.head_codes(program, variables["params"]["head"])
+  forward = lambda x, b, w: integer.logits(program, integer.features(program, x),
+                                           {"bias": b, "kernel": w})
+  module = runtime.compile_function(forward, [x_q, head["bias"], head["kernel"]], "llvm-cpu")
+  np.testing.assert_array_equal(module(x_q, head["bias"], head["kernel"]),
+                                np.asarray(forward(x_q, head["bias"], head["kernel"])))
