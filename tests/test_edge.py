@@ -65,8 +65,9 @@ def _reference_logits(program, variables, x_q):
     h = y.reshape(n, height // 2, 2, width // 2, 2, -1).max(axis=(2, 4))
   head = integer.head_codes(program, variables["params"]["head"])
   acc = h.reshape(h.shape[0], -1) @ head["kernel"].astype(np.int64)
-  bias = rescale(head["bias"].astype(np.int64), program.bias_multiplier, program.bias_shift)
-  return np.clip(rescale(acc + bias, program.head_multiplier, program.head_shift), -127, 127)
+  bias = rescale(head["bias"].astype(np.int64), program.head.bias_multiplier,
+                 program.head.bias_shift)
+  return np.clip(rescale(acc + bias, program.head.multiplier, program.head.shift), -127, 127)
 
 
 @pytest.mark.parametrize("precision", ["16w8a", "8w8a"])
@@ -241,7 +242,7 @@ def test_every_backbone_simulation_computes_the_engine_codes_bit_for_bit(name, p
       {k: v for k, v in variables.items() if k != "quant"}, jnp.asarray(x)))
   engine = np.asarray(integer.logits(program, integer.features(
       program, integer.quantize_inputs(program, x)), integer.head_codes(
-          program, variables["params"]["head"])), np.float64) * program.logit_scale
+          program, variables["params"]["head"])), np.float64) * program.head.logit_scale
   assert np.corrcoef(engine.ravel(), float_logits.ravel())[0, 1] > 0.95
   if name == "speech_embedding":  # (Its derivative is tested in test_speech_embedding.py.)
     return

@@ -63,6 +63,29 @@ class Requant(NamedTuple):
   offset: np.ndarray      # B_c, int32, in accumulator units
 
 
+class Head(NamedTuple):
+  """The linear head's constants, shared by every program (its codes are trained apart).
+
+  Attributes:
+    feature_scale: ``Δ`` of the feature codes (the backbone's output).
+    kernel_scale: ``Δ_w`` of the head kernel (a scalar, or one per class).
+    bias_scale: ``Δ_b`` of the head bias codes (the calibrated ``bias_scale``).
+    multiplier, shift: ``M, k`` of ``Δ_x Δ_w / Δ_y`` for the logits (per class).
+    bias_multiplier, bias_shift: ``M_b, k_b`` of ``Δ_b / (Δ_x Δ_w)`` (per class).
+    logit_scale: ``Δ_y`` of the logit codes (``head/act_out``).
+    weight_bits: bits of the kernels (and of the head bias codes).
+  """
+  feature_scale: float
+  kernel_scale: np.ndarray
+  bias_scale: float
+  multiplier: np.ndarray
+  shift: np.ndarray
+  bias_multiplier: np.ndarray
+  bias_shift: np.ndarray
+  logit_scale: float
+  weight_bits: int
+
+
 class Conv4Program(NamedTuple):
   """The integer constants of a calibrated Conv4 (what an engine's converter writes out).
 
@@ -70,26 +93,12 @@ class Conv4Program(NamedTuple):
     input_scale: ``Δ`` of the input codes (``act_input``).
     kernels: per block, the HWIO kernel codes (int16 for 16-bit weights).
     requants: per block, its :class:`Requant`.
-    feature_scale: ``Δ`` of the feature codes (the last block's output).
-    head_kernel_scale: ``Δ_w`` of the head kernel (a scalar, or one per class).
-    head_bias_scale: ``Δ_b`` of the head bias codes (the calibrated ``bias_scale``).
-    head_multiplier, head_shift: ``M, k`` of ``Δ_x Δ_w / Δ_y`` for the logits (per class).
-    bias_multiplier, bias_shift: ``M_b, k_b`` of ``Δ_b / (Δ_x Δ_w)`` (per class).
-    logit_scale: ``Δ_y`` of the logit codes (``head/act_out``).
-    weight_bits: bits of the kernels (and of the head bias codes).
+    head: the linear head's constants (:class:`Head`).
   """
   input_scale: float
   kernels: tuple
   requants: tuple
-  feature_scale: float
-  head_kernel_scale: np.ndarray
-  head_bias_scale: float
-  head_multiplier: np.ndarray
-  head_shift: np.ndarray
-  bias_multiplier: np.ndarray
-  bias_shift: np.ndarray
-  logit_scale: float
-  weight_bits: int
+  head: "Head"
 
 
 class ResNet12Block(NamedTuple):
@@ -104,7 +113,7 @@ class ResNet12Block(NamedTuple):
 
 
 class ResNet12Program(NamedTuple):
-  """The integer constants of a calibrated ResNet12 (head fields as in :class:`Conv4Program`).
+  """The integer constants of a calibrated ResNet12 .
 
   ``pool``: the scales ``(Δ_x, Δ_y)`` of the
   global average pool, whose multiplier also depends on the number of positions it averages
@@ -113,20 +122,11 @@ class ResNet12Program(NamedTuple):
   input_scale: float
   blocks: tuple
   pool: tuple
-  feature_scale: float
-  head_kernel_scale: np.ndarray
-  head_bias_scale: float
-  head_multiplier: np.ndarray
-  head_shift: np.ndarray
-  bias_multiplier: np.ndarray
-  bias_shift: np.ndarray
-  logit_scale: float
-  weight_bits: int
+  head: "Head"
 
 
 class SpeechEmbeddingProgram(NamedTuple):
-  """The integer constants of a calibrated speech embedding (head fields as in
-  :class:`Conv4Program`): per convolution its kernel codes, :class:`Requant` (the bias is the
+  """The integer constants of a calibrated speech embedding : per convolution its kernel codes, :class:`Requant` (the bias is the
   offset) and padding, and per activation ``(M, k, floor)``
   (:func:`fwdgrad.models.speech_embedding.activation_constants`)."""
   input_scale: float
@@ -134,15 +134,7 @@ class SpeechEmbeddingProgram(NamedTuple):
   requants: tuple
   paddings: tuple
   activations: tuple
-  feature_scale: float
-  head_kernel_scale: np.ndarray
-  head_bias_scale: float
-  head_multiplier: np.ndarray
-  head_shift: np.ndarray
-  bias_multiplier: np.ndarray
-  bias_shift: np.ndarray
-  logit_scale: float
-  weight_bits: int
+  head: "Head"
 
 
 class Dense(NamedTuple):
@@ -157,7 +149,7 @@ class Dense(NamedTuple):
 
 
 class CRNNProgram(NamedTuple):
-  """The integer constants of a calibrated GRU CRNN (head fields as in :class:`Conv4Program`):
+  """The integer constants of a calibrated GRU CRNN :
   the conv blocks (``kernels``, ``requants``, ``pools``), the GRU's two projections
   (:class:`Dense`) and its gate tables and additions
   (:func:`fwdgrad.models.crnn.gru_constants`), and the activation bits."""
@@ -169,15 +161,7 @@ class CRNNProgram(NamedTuple):
   gru_hidden: Dense
   gru: tuple
   activation_bits: int
-  feature_scale: float
-  head_kernel_scale: np.ndarray
-  head_bias_scale: float
-  head_multiplier: np.ndarray
-  head_shift: np.ndarray
-  bias_multiplier: np.ndarray
-  bias_shift: np.ndarray
-  logit_scale: float
-  weight_bits: int
+  head: "Head"
 
 
 @jax.jit
@@ -235,16 +219,16 @@ def _conv_bn(params: dict, stats: dict, scales: dict, in_scale, precision: layer
   return kernel, Requant(*(np.asarray(c, np.int32) for c in constants)), out_scale
 
 
-def _head(variables: dict, in_scale, precision: layers.Precision) -> tuple:
-  """The head fields every program shares, from ``head_kernel_scale`` to ``weight_bits``."""
+def _head(variables: dict, in_scale, precision: layers.Precision) -> Head:
+  """The :class:`Head` of a calibrated model whose head reads codes on ``in_scale``."""
   scales = variables["quant"]["head"]
   head_scale = _kernel_scale(scales["kernel_scale"], precision.per_channel)
   bias_scale = jnp.reshape(jnp.asarray(scales["bias_scale"], jnp.float32), ())
   logit_scale = jnp.asarray(scales["act_out"]["scale"], jnp.float32)
   head_m, head_k, bias_m, bias_k = (np.asarray(c, np.int32) for c in _head_constants(
       in_scale, head_scale, logit_scale, bias_scale))
-  return (float(in_scale), np.asarray(head_scale), float(bias_scale), head_m, head_k, bias_m,
-          bias_k, float(logit_scale), precision.weight_bits)
+  return Head(float(in_scale), np.asarray(head_scale), float(bias_scale), head_m, head_k, bias_m,
+              bias_k, float(logit_scale), precision.weight_bits)
 
 
 def conv4_program(model, variables: dict) -> Conv4Program:
@@ -255,18 +239,23 @@ def conv4_program(model, variables: dict) -> Conv4Program:
     variables: its calibrated variables (``params`` with ``head``, ``batch_stats``, ``quant``).
   """
   precision = _check(model, variables, "Conv4")
+  input_scale, kernels, requants, x_scale = _conv_blocks(variables, len(model.features), precision)
+  return Conv4Program(input_scale, kernels, requants, _head(variables, x_scale, precision))
+
+
+def _conv_blocks(variables: dict, count: int, precision: layers.Precision) -> tuple:
+  """``(input scale, kernels, requants, output scale)`` of ConvBN layers ``block0..`` in a row."""
   params, stats, scales = variables["params"], variables.get("batch_stats", {}), variables["quant"]
   x_scale = jnp.asarray(scales["act_input"]["scale"], jnp.float32)
   input_scale = float(x_scale)
   kernels, requants = [], []
-  for i in range(len(model.features)):
+  for i in range(count):
     name = f"block{i}"
     kernel, requant, x_scale = _conv_bn(params[name], stats[name], scales[name], x_scale,
                                         precision)
     kernels.append(kernel)
     requants.append(requant)
-  return Conv4Program(input_scale, tuple(kernels), tuple(requants), *_head(variables, x_scale,
-                                                                           precision))
+  return input_scale, tuple(kernels), tuple(requants), x_scale
 
 
 def _ints(values) -> tuple:
@@ -304,7 +293,7 @@ def resnet12_program(model, variables: dict) -> ResNet12Program:
                                 tuple(leaky)))
   pool_scale = jnp.asarray(scales["act_pool"]["scale"], jnp.float32)
   return ResNet12Program(input_scale, tuple(blocks), (float(x_scale), float(pool_scale)),
-                         *_head(variables, pool_scale, precision))
+                         _head(variables, pool_scale, precision))
 
 
 def speech_embedding_program(model, variables: dict) -> SpeechEmbeddingProgram:
@@ -333,7 +322,7 @@ def speech_embedding_program(model, variables: dict) -> SpeechEmbeddingProgram:
     else:
       activations.append(None)
   return SpeechEmbeddingProgram(input_scale, tuple(kernels), tuple(requants), tuple(paddings),
-                                tuple(activations), *_head(variables, x_scale, precision))
+                                tuple(activations), _head(variables, x_scale, precision))
 
 
 def _dense(params: dict, scales: dict, in_scale, precision: layers.Precision) -> tuple:
@@ -355,26 +344,18 @@ def crnn_program(model, variables: dict) -> CRNNProgram:
   if model.rnn != "gru":
     raise ValueError(f"the integer CRNN runs a GRU; this one has rnn={model.rnn!r} (the LSTM "
                      "keeps its gates and cell state in float).")
-  params, stats, scales = variables["params"], variables.get("batch_stats", {}), variables["quant"]
-  x_scale = jnp.asarray(scales["act_input"]["scale"], jnp.float32)
-  input_scale = float(x_scale)
-  kernels, requants = [], []
-  for i in range(len(model.conv_features)):
-    name = f"block{i}"
-    kernel, requant, x_scale = _conv_bn(params[name], stats[name], scales[name], x_scale,
-                                        precision)
-    kernels.append(kernel)
-    requants.append(requant)
-  rnn, rnn_scales = params["rnn"], scales["rnn"]
+  input_scale, kernels, requants, x_scale = _conv_blocks(variables, len(model.conv_features),
+                                                         precision)
+  rnn, rnn_scales = variables["params"]["rnn"], variables["quant"]["rnn"]
   h_scale = jnp.asarray(rnn_scales["act_hidden"]["scale"], jnp.float32)
   gru_input, input_out = _dense(rnn["input"], rnn_scales["input"], x_scale, precision)
   gru_hidden, hidden_out = _dense(rnn["hidden"], rnn_scales["hidden"], h_scale, precision)
   gates = [jnp.asarray(rnn_scales[f"act_{g}"]["scale"], jnp.float32) for g in "rzn"]
   gru = jax.tree.map(lambda c: np.asarray(c, np.int32), jax.jit(crnn.gru_constants)(
       input_out, hidden_out, h_scale, *gates))
-  return CRNNProgram(input_scale, tuple(kernels), tuple(requants),
+  return CRNNProgram(input_scale, kernels, requants,
                      tuple(tuple(p) for p in model.pool_sizes), gru_input, gru_hidden, tuple(gru),
-                     precision.activation_bits, *_head(variables, h_scale, precision))
+                     precision.activation_bits, _head(variables, h_scale, precision))
 
 
 def program(model, variables: dict):
@@ -409,9 +390,9 @@ def quantize_inputs(program, images) -> np.ndarray:
 
 def head_codes(program, head: dict) -> dict:
   """The head's float ``{"kernel", "bias"}`` as the integer codes the engine reads."""
-  scales = {"kernel": jnp.asarray(program.head_kernel_scale),
-            "bias": jnp.float32(program.head_bias_scale)}
-  return {k: np.asarray(layers.weight_codes(head[k], scales[k], program.weight_bits))
+  scales = {"kernel": jnp.asarray(program.head.kernel_scale),
+            "bias": jnp.float32(program.head.bias_scale)}
+  return {k: np.asarray(layers.weight_codes(head[k], scales[k], program.head.weight_bits))
           for k in scales}
 
 
@@ -529,19 +510,16 @@ def features(program, x_q: jax.Array) -> jax.Array:
 
 def logits(program, feature_q: jax.Array, head_q: dict) -> jax.Array:
   """The int8 logit codes of int8 feature codes and the head's integer codes."""
-  acc = jax.lax.dot_general(jnp.asarray(feature_q, jnp.int32),
-                            jnp.asarray(head_q["kernel"], jnp.int32), (((1,), (0,)), ((), ())),
-                            preferred_element_type=jnp.int32)
-  bias = fixed_point.multiply_shift(jnp.asarray(head_q["bias"], jnp.int32),
-                                    jnp.asarray(program.bias_multiplier),
-                                    jnp.asarray(program.bias_shift))
-  return layers.rescale(acc + bias, jnp.asarray(program.head_multiplier),
-                        jnp.asarray(program.head_shift)).astype(jnp.int8)
+  head = program.head
+  dense = Dense(head_q["kernel"], head_q["bias"], head.multiplier, head.shift,
+                head.bias_multiplier, head.bias_shift)
+  return _dense_codes(jnp.asarray(feature_q), dense).astype(jnp.int8)
 
 
 def loss(program, feature_q, labels, head_q: dict) -> jax.Array:
   """Mean cross-entropy of the dequantized logits (float32: the one float step of a call)."""
-  z = logits(program, feature_q, head_q).astype(jnp.float32) * jnp.float32(program.logit_scale)
+  z = (logits(program, feature_q, head_q).astype(jnp.float32)
+       * jnp.float32(program.head.logit_scale))
   log_p = jax.nn.log_softmax(z, axis=-1)
   return -jnp.mean(jnp.take_along_axis(log_p, jnp.asarray(labels, jnp.int32)[:, None], -1))
 
@@ -552,7 +530,7 @@ def simulation_agreement(model, variables: dict, program, images) -> dict:
   Returns ``{"equal": fraction of logit codes equal, "max_difference": in codes}``.
   """
   simulated = np.asarray(jax.jit(model.apply)(variables, jnp.asarray(images)), np.float64)
-  simulated = np.rint(simulated / program.logit_scale).astype(np.int64)
+  simulated = np.rint(simulated / program.head.logit_scale).astype(np.int64)
   head = head_codes(program, variables["params"]["head"])
   engine = np.asarray(logits(program, features(program, quantize_inputs(program, images)),
                              head), np.int64)
