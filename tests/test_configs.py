@@ -64,6 +64,18 @@ def test_config_loads_and_validates_with_its_command_in_the_docstring(name):
   assert validated.methods
 
 
+@pytest.mark.parametrize("name,arg", [("fewshot_vision", "steps"), ("fewshot_vision", "enhance"),
+                                      ("fewshot_audio", "steps"), ("fewshot_audio", "shot1")])
+def test_tuning_and_row_variants_validate(name, arg):
+  config = _with_local_data(load_config(name, arg))
+  validated = experiment.validate_config(config)
+  assert set(validated.tune_grid) <= set(validated.methods)
+  if arg == "enhance":  # m = 1 and the four enhancements next to the plain QZO-FF row.
+    assert {"qzo_ff_16w8a", "qzo_ff_16w8a_m1", "qzo_ff_16w8a_momentum", "qzo_ff_16w8a_sharpness",
+            "qzo_ff_16w8a_kernelwise", "qzo_ff_16w8a_sharpness_kernelwise"} <= set(validated.methods)
+    assert validated.methods.qzo_ff_16w8a_m1.num_directions == 1
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("name,arg", TINY_RUNS)
 def test_config_runs_end_to_end_at_a_tiny_size(name, arg, tmp_path):
